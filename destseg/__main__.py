@@ -1,0 +1,3 @@
+from destseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Command line: ``destseg {inspect,train,test,evaluate,demo}``. Run ``destseg CMD --help``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from destseg import __version__
+from destseg.errors import DestsegError
+
+SCHEDULES = {
+    # The SPEC's schedule (paper values) and a reduced one sized for a 2-core CPU in <= 30 min per category
+    # with the EfficientNet-Lite0 teacher. See docs/RESULTS.md.
+    "paper": {},
+    "cpu": {"destseg": {"batch_size": 16, "steps": 900, "student_steps": 600},
+            "tesd": {"batch_size": 16, "steps": 900, "student_steps": 600},
+            "stfpm": {"batch_size": 16}},
+}
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD layout, or VisA with split_csv)")
+    p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
+    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "mpdd", "visa"])
+
+
+def cmd_inspect(args) -> int:
+    from destseg.data import scan_dataset, validate
+
+    index = validate(scan_dataset(args.data, args.category, args.layout))
+    summary = index.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k in ("name", "train", "test", "test_good", "test_defect", "masks"):
+            print(f"{k:>12}: {summary[k]}")
+        for name, count in summary["defect_types"].items():
+            print(f"{'':>12}  {name}: {count}")
+        print(f"{'problems':>12}: {len(summary['problems'])}")
+        for p in summary["problems"]:
+            print(f"  - {p}")
+    return 1 if summary["problems"] else 0
+
+
+def cmd_train(args) -> int:
+    from destseg.models import model_config
+    from destseg.train import DataSource, TrainOptions, TrainingInterrupted, train
+
+    options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
+                           num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
+                           checkpoint_every=args.checkpoint_every, teacher_weights=args.teacher_weights,
+                           progress=not args.no_progress)
+    if args.resume:
+        config, data = None, None
+    else:
+        if not args.data or not args.category:
+            raise DestsegError("--data and --category are required (unless --resume)")
+        overrides = dict(SCHEDULES[args.schedule].get(args.model, {}))
+        overrides.update({k: v for k, v in {
+            "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
+            "batch_size": args.batch_size, "epochs": args.epochs, "image_size": args.image_size}.items()
+            if v is not None})
+        for flag in ("no_denoising", "identical_student", "no_segmentation"):
+            if getattr(args, flag):
+                field = {"no_denoising": ("denoising", False), "identical_student": ("student_arch", "identical"),
+                         "no_segmentation": ("segmentation", False)}[flag]
+                overrides[field[0]] = field[1]
+        config = model_config(args.model, **overrides)
+        data = DataSource(args.data, args.category, args.layout)
+    try:
+        path = train(args.out, args.model, config, data, options=options, resume=args.resume,
+                     overwrite=args.overwrite)
+    except TrainingInterrupted as exc:
+        print(f"destseg: {exc}", file=sys.stderr)
+        return 130
+    print(f"saved {path}")
+    return 0
+
+
+def cmd_test(args) -> int:
+    from destseg.infer import metrics_table, test_run
+    from destseg.train import DataSource
+
+    data = DataSource(args.data, args.category, args.layout) if args.data else None
+    result = test_run(args.run, data, device=args.device, precision=args.precision,
+                      progress=not args.no_progress)
+    result.pop("_outputs")
+    print(json.dumps(result, indent=2) if args.json else metrics_table(result))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from destseg.metrics import evaluate, format_table
+
+    path = Path(args.predictions)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DestsegError(f"{path}: cannot read predictions ({exc})") from None
+    missing = {"maps", "masks", "labels"} - set(npz.files)
+    if missing:
+        raise DestsegError(f"{path}: missing array(s) {sorted(missing)} (needs maps, masks, labels[, scores])")
+    scores = npz["scores"] if "scores" in npz.files else None
+    metrics = evaluate(npz["maps"], npz["masks"], npz["labels"], scores)
+    print(json.dumps(metrics, indent=2) if args.json else format_table({path.stem: metrics}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from destseg.demo import run_demo
+
+    return run_demo(Path(args.out), overwrite=args.overwrite, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="destseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"destseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="validate a dataset and print its counts")
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a model into a run directory")
+    _add_data_args(p, required=False)
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--model", default="destseg", choices=["destseg", "stfpm", "tesd"])
+    p.add_argument("--teacher", choices=["resnet18", "efficientnet_lite0"], help="default: resnet18 (paper)")
+    p.add_argument("--teacher-weights", help="explicit teacher weights file (ResNet18: torchvision's)")
+    p.add_argument("--schedule", default="paper", choices=sorted(SCHEDULES),
+                   help="paper: the SPEC's schedule; cpu: reduced for a 2-core CPU (explicit flags override)")
+    p.add_argument("--steps", type=int, help="total steps, both stages (destseg, tesd)")
+    p.add_argument("--student-steps", type=int, help="steps of stage 1 (destseg, tesd)")
+    p.add_argument("--epochs", type=int, help="epochs (stfpm)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--texture-dir", help="anomaly source images (DTD layout or flat); default: built-in generator")
+    p.add_argument("--rotation", choices=["none", "small", "rot90"], help="default: the category's SPEC setting")
+    p.add_argument("--no-denoising", action="store_true", help="ablation: student sees clean images")
+    p.add_argument("--identical-student", action="store_true", help="ablation: student = teacher architecture")
+    p.add_argument("--no-segmentation", action="store_true", help="ablation: DeST product map, no seg. network")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: automatic)")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="evaluate a run on its test split; writes RUN/metrics.json")
+    p.add_argument("--run", required=True, type=Path)
+    _add_data_args(p, required=False)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("evaluate", help="metrics of any method's outputs saved as .npz")
+    p.add_argument("--predictions", required=True, help="npz with maps, masks, labels[, scores]")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="build the embedded demo dataset, train, test and write heat maps")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--steps", type=int, help="override the demo's total steps")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DestsegError as exc:
+        print(f"destseg: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # config validation (unknown option values)
+        print(f"destseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("destseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Dataset layouts (MVTec AD, MPDD, VisA, plain folders) and the torch datasets built on them.
+
+A layout is scanned into a :class:`DatasetIndex` (lists of files, no pixels read); ``validate`` opens
+every file and reports problems; the torch datasets load pixels, cache the resized images in memory and,
+for training, apply the SPEC's geometric augmentation and anomaly synthesis.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from destseg.data.images import (
+    image_size, is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
+)
+from destseg.data.synthesis import AnomalySynthesizer
+from destseg.errors import DatasetError, ImageError
+
+# SPEC: per-category train-time rotation applied to the clean image before synthesis.
+CATEGORY_ROTATION = {
+    **dict.fromkeys(["capsule", "metal_nut", "pill", "toothbrush", "transistor"], "none"),
+    **dict.fromkeys(["wood", "zipper", "cable"], "small"),
+    **dict.fromkeys(["bottle", "grid", "hazelnut", "leather", "tile", "carpet", "screw"], "rot90"),
+}
+ROTATIONS = ("none", "small", "rot90")
+ROTATION_FILL = (114, 114, 114)
+
+
+def default_rotation(category: str) -> str:
+    return CATEGORY_ROTATION.get(category, "none")
+
+
+@dataclass
+class TestSample:
+    path: Path
+    label: int  # 1 = from a defect folder
+    mask: Path | None
+    defect: str
+
+
+@dataclass
+class DatasetIndex:
+    name: str
+    train: list[Path]
+    test: list[TestSample]
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        defects: dict[str, int] = {}
+        for s in self.test:
+            if s.label:
+                defects[s.defect] = defects.get(s.defect, 0) + 1
+        return {
+            "name": self.name,
+            "train": len(self.train),
+            "test": len(self.test),
+            "test_good": sum(1 for s in self.test if not s.label),
+            "test_defect": sum(1 for s in self.test if s.label),
+            "masks": sum(1 for s in self.test if s.mask is not None),
+            "defect_types": dict(sorted(defects.items())),
+            "problems": list(self.problems),
+        }
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DatasetError(f"{path}: {what} not found")
+    if not path.is_dir():
+        raise DatasetError(f"{path}: {what} is not a directory")
+    return path
+
+
+def _non_image_problems(folder: Path) -> list[str]:
+    return [f"{p}: not an image file (ignored)" for p in sorted(folder.iterdir())
+            if p.is_file() and not is_image_file(p) and not p.name.startswith(".")]
+
+
+def scan_mvtec(root: Path | str, category: str, name: str = "mvtec") -> DatasetIndex:
+    """MVTec AD / MPDD layout: <root>/<category>/{train/good, test/<type>, ground_truth/<type>}."""
+    root = Path(root)
+    _require_dir(root, "dataset root")
+    base = root / category
+    if not base.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+        hint = f"; categories found: {', '.join(found)}" if found else ""
+        raise DatasetError(f"{base}: category '{category}' not found under {root}{hint}")
+    train_dir = _require_dir(base / "train" / "good", "training folder train/good")
+    test_dir = _require_dir(base / "test", "test folder")
+    problems = _non_image_problems(train_dir)
+    train = list_images(train_dir)
+    test: list[TestSample] = []
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        problems += _non_image_problems(defect_dir)
+        defect = defect_dir.name
+        for img in list_images(defect_dir):
+            if defect == "good":
+                test.append(TestSample(img, 0, None, "good"))
+                continue
+            mask = base / "ground_truth" / defect / f"{img.stem}_mask.png"
+            if not mask.is_file():
+                problems.append(f"{img}: defect image has no mask (expected {mask})")
+                mask = None
+            test.append(TestSample(img, 1, mask, defect))
+    return DatasetIndex(f"{name}/{category}", train, test, problems)
+
+
+def scan_visa(root: Path | str, category: str) -> DatasetIndex:
+    """VisA with its split_csv/1cls.csv (columns object,split,label,image,mask; paths relative to root)."""
+    root = Path(root)
+    csv_path = root / "split_csv" / "1cls.csv"
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: VisA split file not found")
+    train: list[Path] = []
+    test: list[TestSample] = []
+    problems: list[str] = []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{csv_path}: missing columns {sorted(missing)}")
+        for row in reader:
+            if row["object"] != category:
+                continue
+            img = root / row["image"]
+            if row["split"] == "train":
+                train.append(img)
+            else:
+                label = int(row["label"] == "anomaly")
+                mask = root / row["mask"] if label and row["mask"] else None
+                if label and (mask is None or not mask.is_file()):
+                    problems.append(f"{img}: defect image has no mask ({mask})")
+                    mask = None
+                test.append(TestSample(img, label, mask, "anomaly" if label else "good"))
+    if not train and not test:
+        raise DatasetError(f"{csv_path}: no rows for category '{category}'")
+    return DatasetIndex(f"visa/{category}", sorted(train), test, problems)
+
+
+def scan_folder(normal_dir: Path | str, abnormal_dir: Path | str | None = None,
+                mask_dir: Path | str | None = None, normal_test_dir: Path | str | None = None,
+                test_split: float = 0.2) -> DatasetIndex:
+    """Users' own data: a folder of normal images, optionally abnormal images and their masks.
+
+    Masks are matched by stem (``x.png`` -> ``x.png`` or ``x_mask.png``). Without ``normal_test_dir``,
+    every fifth normal image (a fixed ``test_split`` share) is held out for testing when abnormal images
+    are given, so that the test split has both classes.
+    """
+    normal_dir = _require_dir(Path(normal_dir), "normal image folder")
+    normals = list_images(normal_dir)
+    problems = _non_image_problems(normal_dir)
+    test: list[TestSample] = []
+    if normal_test_dir is not None:
+        test += [TestSample(p, 0, None, "good") for p in list_images(_require_dir(Path(normal_test_dir), "normal test folder"))]
+        train = normals
+    elif abnormal_dir is not None:
+        step = max(2, round(1 / test_split))
+        held = set(normals[::step])
+        train = [p for p in normals if p not in held]
+        test += [TestSample(p, 0, None, "good") for p in sorted(held)]
+    else:
+        train = normals
+    if abnormal_dir is not None:
+        abnormal_dir = _require_dir(Path(abnormal_dir), "abnormal image folder")
+        masks = {}
+        if mask_dir is not None:
+            for m in list_images(_require_dir(Path(mask_dir), "mask folder")):
+                masks[m.stem.removesuffix("_mask")] = m
+        for img in list_images(abnormal_dir):
+            mask = masks.get(img.stem)
+            if mask_dir is not None and mask is None:
+                problems.append(f"{img}: defect image has no mask in {mask_dir}")
+            test.append(TestSample(img, 1, mask, "defect"))
+    return DatasetIndex(f"folder/{normal_dir.name}", train, test, problems)
+
+
+def scan_dataset(root: Path | str, category: str, layout: str = "auto") -> DatasetIndex:
+    root = Path(root)
+    if layout == "auto":
+        layout = "visa" if (root / "split_csv" / "1cls.csv").is_file() else "mvtec"
+    if layout in ("mvtec", "mpdd"):
+        return scan_mvtec(root, category, name=layout)
+    if layout == "visa":
+        return scan_visa(root, category)
+    raise DatasetError(f"unknown dataset layout '{layout}' (expected mvtec, mpdd, visa or auto)")
+
+
+def validate(index: DatasetIndex, check_pixels: bool = True) -> DatasetIndex:
+    """Open every file and add what is wrong to ``index.problems`` (in place; also returned)."""
+    problems = index.problems
+    if not index.train:
+        problems.append(f"{index.name}: training folder has no images")
+    if check_pixels:
+        for path in index.train:
+            try:
+                read_rgb(path)
+            except ImageError as exc:
+                problems.append(str(exc))
+        for s in index.test:
+            try:
+                w, h = read_rgb(s.path).size
+            except ImageError as exc:
+                problems.append(str(exc))
+                continue
+            if s.mask is None:
+                continue
+            try:
+                mh, mw = read_mask(s.mask).shape
+            except ImageError as exc:
+                problems.append(str(exc))
+                continue
+            # Same size, or the same aspect ratio (masks are resized to the model input anyway, and some
+            # datasets ship pre-resized images beside full-size masks): anything else is a wrong pairing.
+            if (mw, mh) != (w, h) and abs(mw * h - mh * w) > max(mw, w):
+                problems.append(f"{s.mask}: mask is {mw}x{mh} but its image {s.path.name} is {w}x{h} "
+                                "(different aspect ratio)")
+    return index
+
+
+# ------------------------------------------------------------------------------------------ torch datasets
+
+def _normalize(img01: np.ndarray, mean, std) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(img01.transpose(2, 0, 1)))
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (t - mean_t) / std_t
+
+
+def load_resized(paths: list[Path], size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8; raises ImageError naming the first bad file."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        out[i] = resize_rgb(read_rgb(p), size)
+    return out
+
+
+def rotate_image(img: np.ndarray, rotation: str, rng: np.random.Generator) -> np.ndarray:
+    if rotation == "none":
+        return img
+    angle = float(rng.uniform(-5, 5))
+    if rotation == "rot90":
+        angle += 90.0 * int(rng.integers(0, 4))
+    pil = Image.fromarray(img).rotate(angle, resample=Image.BILINEAR, fillcolor=ROTATION_FILL)
+    return np.asarray(pil)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Normal training images with per-sample seeded augmentation and anomaly synthesis.
+
+    Items are addressed by ``(index, sample_seed)`` pairs produced by :class:`StepSampler`; the seed alone
+    decides the rotation and the synthetic anomaly, so batches are identical for any number of workers and
+    after a resume.
+    """
+
+    def __init__(self, paths: list[Path], size: int, mean, std, rotation: str = "none",
+                 synthesizer: AnomalySynthesizer | None = None, images: np.ndarray | None = None):
+        if not paths:
+            raise DatasetError("training set is empty: no images found")
+        if rotation not in ROTATIONS:
+            raise DatasetError(f"unknown rotation '{rotation}' (expected one of {ROTATIONS})")
+        self.paths = list(paths)
+        self.images = load_resized(self.paths, size) if images is None else images
+        self.size, self.mean, self.std = size, mean, std
+        self.rotation = rotation
+        self.synthesizer = synthesizer
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        index, sample_seed = item
+        rng = np.random.default_rng(sample_seed)
+        img = rotate_image(self.images[index], self.rotation, rng).astype(np.float32) / 255.0
+        out = {"image": _normalize(img, self.mean, self.std)}
+        if self.synthesizer is not None:
+            aug, mask = self.synthesizer(img, rng)
+            out["augmented"] = _normalize(aug, self.mean, self.std)
+            out["mask"] = torch.from_numpy(mask[None].astype(np.float32))
+        return out
+
+
+class TestDataset(torch.utils.data.Dataset):
+    """Test images with labels and ground-truth masks at ``size`` (SPEC rule), loaded lazily."""
+
+    def __init__(self, samples: list[TestSample], size: int, mean, std):
+        self.samples, self.size, self.mean, self.std = list(samples), size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        img = resize_rgb(read_rgb(s.path), self.size).astype(np.float32) / 255.0
+        if s.mask is not None:
+            mask = resize_mask(read_mask(s.mask), self.size)
+        else:
+            mask = np.zeros((self.size, self.size), dtype=bool)
+        return {"image": _normalize(img, self.mean, self.std), "mask": torch.from_numpy(mask),
+                "label": s.label, "index": i}
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields batches of ``(index, sample_seed)`` for steps ``start_step .. total_steps-1``.
+
+    Sample position ``p = step * batch_size + j`` walks through one seeded permutation of the data per
+    epoch; its seed is derived from ``(seed, stream, p)`` (one stream per training stage). With ``world_size > 1`` each rank takes its slice of every
+    global batch, so the global batch is the same as in a single-process run.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1, stream: int = 0):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+        self.total_steps, self.start_step = total_steps, start_step
+        self.rank, self.world_size = rank, world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _index(self, p: int) -> int:
+        epoch = p // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)}
+        return int(self._perms[epoch][p % self.n])
+
+    def __iter__(self):
+        local = self.batch_size // self.world_size
+        for step in range(self.start_step, self.total_steps):
+            first = step * self.batch_size + self.rank * local
+            yield [(self._index(p), (self.seed, self.stream, p)) for p in range(first, first + local)]
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed the libraries' global RNGs in each DataLoader worker (our own code uses per-sample seeds)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,131 @@
+"""Reading images and masks with clear errors.
+
+Every decoding failure becomes an :class:`ImageError` naming the file. Conversions (documented in the
+README): grayscale, palette, RGBA/LA (alpha dropped, not composited), CMYK and 16-bit images are
+converted to 8-bit RGB; 16-bit values are scaled by 1/257. Masks: any non-zero pixel is a defect.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from destseg.errors import ImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# Refuse anything larger before decoding: a 20000x20000 header would need 1.2 GB of RAM to decode.
+MAX_PIXELS = 64_000_000
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in Path(folder).glob(pattern) if p.is_file() and is_image_file(p))
+
+
+def _open(path: Path) -> Image.Image:
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise ImageError(f"{path}: image has an empty size {width}x{height}")
+            if width * height > MAX_PIXELS:
+                raise ImageError(
+                    f"{path}: image is {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed; "
+                    "resize it before use"
+                )
+            img.load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (or an unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: image is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, RuntimeError, TypeError,
+            struct.error) as exc:
+        raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+    return img
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.clip(np.nan_to_num(arr) * 255.0 if arr.max(initial=0) <= 1.0 else arr, 0, 255).astype(np.uint8)
+    if arr.dtype.itemsize >= 2:  # 16-bit (or 32-bit int) PNG/TIFF
+        return np.clip(arr.astype(np.int64) // 257, 0, 255).astype(np.uint8)
+    return arr.astype(np.uint8)
+
+
+def to_rgb(img: Image.Image, path: Path | str = "<array>") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (see module docstring)."""
+    try:
+        if img.mode == "RGB":
+            return img
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = _to_uint8(np.asarray(img))
+            return Image.fromarray(arr, mode="L").convert("RGB")
+        if img.mode in ("RGBA", "LA", "PA"):
+            return img.convert("RGBA").convert("RGB") if img.mode == "PA" else img.convert("RGB")
+        return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{path}: cannot convert mode {img.mode} to RGB ({exc})") from None
+
+
+def read_rgb(path: Path | str) -> Image.Image:
+    """Open, fully decode and convert an image to RGB; :class:`ImageError` on any problem."""
+    return to_rgb(_open(Path(path)), path)
+
+
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) read from the header only."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (or an unsupported format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: corrupt image header ({exc})") from None
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """Binary mask (H, W) bool at the file's own resolution: any non-zero value is a defect."""
+    img = _open(Path(path))
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    return arr > 0
+
+
+def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
+    """PIL bilinear resize (no crop) to size x size, as uint8 (H, W, 3)."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """The SPEC's ground-truth rule: bilinear (antialiased) resize of the 0/1 mask, then >= 0.5."""
+    if mask.shape == (size, size):
+        return mask.astype(bool)
+    img = Image.fromarray(mask.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+    return np.asarray(img) >= 0.5

@@ -1,0 +1,163 @@
+"""Inference: batch prediction over a dataset, test-split evaluation, and the :class:`Detector` API."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from destseg.checkpoint import atomic_write_text
+from destseg.data.datasets import TestDataset
+from destseg.data.images import resize_rgb, to_rgb
+from destseg.errors import DestsegError
+from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table
+from destseg.models.backbones import backbone_spec
+from destseg.train import DataSource, autocast, autocast_dtype, load_model, read_run_config, resolve_device
+
+
+@dataclass
+class TestOutputs:
+    maps: np.ndarray  # (N, H, W) float32
+    scores: np.ndarray  # (N,)
+    masks: np.ndarray  # (N, H, W) bool
+    labels: np.ndarray  # (N,)
+    dest_maps: np.ndarray | None
+    dest_scores: np.ndarray | None
+    seconds: float
+
+
+@torch.no_grad()
+def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, batch_size: int = 16,
+                   progress: bool = True) -> TestOutputs:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    n, size = len(dataset), dataset.size
+    maps = np.empty((n, size, size), np.float32)
+    masks = np.empty((n, size, size), bool)
+    labels = np.empty(n, np.int64)
+    scores = np.empty(n, np.float64)
+    dest_maps = dest_scores = None
+    seconds = 0.0
+    for batch in tqdm(loader, desc="test", unit="batch", disable=not progress):
+        idx = batch["index"].numpy()
+        x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        with autocast(device, dtype):
+            out = model(x)
+        m = out["map"].float().cpu().numpy()
+        seconds += time.perf_counter() - t0
+        maps[idx], scores[idx] = m, out["score"].float().cpu().numpy()
+        masks[idx], labels[idx] = batch["mask"].numpy(), batch["label"].numpy()
+        if "dest_map" in out:
+            if dest_maps is None:
+                dest_maps, dest_scores = np.empty_like(maps), np.empty_like(scores)
+            dest_maps[idx] = out["dest_map"].float().cpu().numpy()
+            dest_scores[idx] = out["dest_score"].float().cpu().numpy()
+    return TestOutputs(maps, scores, masks, labels, dest_maps, dest_scores, seconds)
+
+
+def test_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
+             precision: str = "auto", batch_size: int = 16, progress: bool = True) -> dict:
+    """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json."""
+    run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    if data is None:
+        if not saved.get("data"):
+            raise DestsegError(f"{run_dir}: the run does not record its data; pass --data and --category")
+        data = DataSource(**saved["data"])
+    index = data.scan()
+    if not index.test:
+        raise DestsegError(f"{index.name}: the test split has no images")
+    dev = resolve_device(device)
+    dtype = autocast_dtype(dev, precision)
+    model, ckpt = load_model(run_dir, str(dev))
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    spec = backbone_spec(ckpt["config"]["teacher"])
+    dataset = TestDataset(index.test, ckpt["config"]["image_size"], spec.mean, spec.std)
+    out = run_test_split(model, dataset, dev, dtype, batch_size, progress)
+    metrics = evaluate(out.maps, out.masks, out.labels, out.scores)
+    result = {**metrics, "model": ckpt["model"], "teacher": ckpt["teacher"], "step": ckpt["step"],
+              "n_test": len(dataset), "precision": "fp32" if dtype is None else "bf16",
+              "device": str(dev), "images_per_s": len(dataset) / max(out.seconds, 1e-9)}
+    if out.dest_maps is not None and ckpt["config"].get("segmentation", True):
+        dest = evaluate(out.dest_maps, out.masks, out.labels, out.dest_scores)
+        result.update({f"dest_{k}": v for k, v in dest.items()})
+    image_thr, image_f1 = f1_max_threshold(out.scores, out.labels)
+    pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel())
+    thresholds = {"image": image_thr, "pixel": pixel_thr, "image_f1": image_f1, "pixel_f1": pixel_f1,
+                  "method": "f1-max on the test split"}
+    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
+    result["_outputs"] = out
+    return result
+
+
+def metrics_table(result: dict) -> str:
+    rows = {result.get("model", "model"): {k: result[k] for k in METRIC_NAMES}}
+    if "dest_i_auroc" in result:
+        rows["  dest map"] = {k: result[f"dest_{k}"] for k in METRIC_NAMES}
+    return format_table(rows)
+
+
+@dataclass
+class Prediction:
+    score: float
+    map: np.ndarray  # (H, W) at the model's input size
+    is_defect: bool | None  # None when the run has no threshold yet
+
+
+class Detector:
+    """A trained run, ready to predict: ``Detector.load(run_dir).predict(image)``."""
+
+    def __init__(self, model, config: dict, thresholds: dict | None, device, dtype):
+        self.model, self.config, self.thresholds = model, config, thresholds
+        self.device, self.dtype = device, dtype
+        spec = backbone_spec(config["teacher"])
+        self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(cls, run_dir, device: str = "cpu", precision: str = "auto") -> "Detector":
+        run_dir = Path(run_dir)
+        dev = resolve_device(device)
+        model, ckpt = load_model(run_dir, str(dev))
+        if dev.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        thr_path = run_dir / "thresholds.json"
+        thresholds = json.loads(thr_path.read_text()) if thr_path.is_file() else None
+        return cls(model, ckpt["config"], thresholds, dev, autocast_dtype(dev, precision))
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images or uint8 arrays (H, W, 3) / (H, W) -> normalised batch (N, 3, S, S)."""
+        size = self.config["image_size"]
+        arrs = []
+        for im in images:
+            if isinstance(im, np.ndarray):
+                im = Image.fromarray(im)
+            arrs.append(resize_rgb(to_rgb(im), size))
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def predict_batch(self, images, threshold: float | None = None) -> list[Prediction]:
+        x = self.preprocess(images).to(self.device)
+        with autocast(self.device, self.dtype):
+            out = self.model(x)
+        maps = out["map"].float().cpu().numpy()
+        scores = out["score"].float().cpu().numpy()
+        thr = threshold if threshold is not None else (self.thresholds or {}).get("image")
+        return [Prediction(float(s), m, None if thr is None else bool(s >= thr)) for s, m in zip(scores, maps)]
+
+    def predict(self, image, threshold: float | None = None) -> Prediction:
+        """One PIL image, numpy array or path."""
+        if isinstance(image, (str, Path)):
+            from destseg.data.images import read_rgb
+
+            image = read_rgb(image)
+        return self.predict_batch([image], threshold)[0]

@@ -1,0 +1,199 @@
+"""Pieces shared by the segmentation-guided models (DeSTSeg and TESD): feature normalisation, losses,
+the segmentation network, the two-stage schedule and the inference outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from destseg.models.backbones import Teacher, kaiming_init, make_layer
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / (||x||_2 over channels + 1e-12), computed in fp32."""
+    x = x.float()
+    return x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + 1e-12)
+
+
+def resize(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def cosine_distance_maps(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per scale 1 - <s^, t^>, shape (N, 1, H_k, W_k); inputs already normalised."""
+    return [1 - torch.sum(tk * sk, dim=1, keepdim=True) for tk, sk in zip(t, s)]
+
+
+def cosine_loss(t: list[torch.Tensor], s: list[torch.Tensor]) -> torch.Tensor:
+    """SPEC stage-1 loss: sum over scales of the per-image spatial mean, summed over the batch."""
+    return sum(a.mean(dim=(1, 2, 3)).sum() for a in cosine_distance_maps(t, s))
+
+
+def focal_loss(pred: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+    """Binary focal loss on probabilities (no alpha), mean over pixels."""
+    pred = pred.float().clamp(1e-6, 1 - 1e-6)
+    ce = F.binary_cross_entropy(pred, target, reduction="none")
+    p_t = pred * target + (1 - pred) * (1 - target)
+    return (ce * (1 - p_t) ** gamma).mean()
+
+
+def segmentation_target(mask: torch.Tensor, size) -> torch.Tensor:
+    """Synthetic mask bilinear-downsampled to the output size, thresholded at 0.5."""
+    return (resize(mask.float(), size) >= 0.5).float()
+
+
+def top_k_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
+    flat = maps.flatten(1).float()
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: global-pool + 1x1 and three dilated 3x3 branches, then 3x3 fusion."""
+
+    def __init__(self, cin: int, cout: int, rates=(6, 12, 18)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=r, dilation=r, bias=False), nn.BatchNorm2d(cout),
+                          nn.ReLU(inplace=True)) for r in rates)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
+                                  nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(cout * (len(rates) + 1), cout, 3, padding=1, bias=False),
+                                     nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class SegmentationNet(nn.Module):
+    """Two residual blocks (cin -> 256), ASPP, 3x3 conv + BN + ReLU, 1x1 conv -> 1, sigmoid."""
+
+    def __init__(self, cin: int, width: int = 256):
+        super().__init__()
+        self.res = make_layer(cin, width, 2)
+        kaiming_init(self.res)  # Kaiming on the residual blocks only, as the reference code
+        self.head = nn.Sequential(ASPP(width, width), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))
+
+    def forward(self, x):
+        return torch.sigmoid(self.head(self.res(x)))
+
+
+class Decoder(nn.Module):
+    """Four stages of two BasicBlocks: 512->512 at the input scale, then to c3, c2, c1 with bilinear
+    upsampling to the teacher's resolutions in between. No skip connections."""
+
+    def __init__(self, channels: tuple[int, int, int], cin: int = 512):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.layer4 = make_layer(cin, 512, 2)
+        self.layer3 = make_layer(512, c3, 2)
+        self.layer2 = make_layer(c3, c2, 2)
+        self.layer1 = make_layer(c2, c1, 2)
+        kaiming_init(self)
+
+    def forward(self, x, sizes) -> list[torch.Tensor]:
+        b3 = self.layer3(resize(self.layer4(x), sizes[2]))
+        b2 = self.layer2(resize(b3, sizes[1]))
+        b1 = self.layer1(resize(b2, sizes[0]))
+        return [b1, b2, b3]
+
+
+@dataclass
+class Stage:
+    """One phase of training: which parameters learn, at what rates, for how many steps."""
+
+    name: str
+    steps: int
+    param_groups: list[dict]
+    train_modules: list[nn.Module]
+    needs_synthesis: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class SegmentationGuidedModel(nn.Module):
+    """Teacher + denoising student + segmentation network, trained in two stages (SPEC "DeSTSeg").
+
+    Subclasses define ``student`` (how student features are computed) and may override
+    ``segmentation_input``. Training: stage ``student`` fits the student on corrupted images to the
+    teacher's clean-image features; stage ``segmentation`` fits the segmentation network on the fixed
+    student's similarity features of corrupted images.
+    """
+
+    teacher: Teacher
+    segmentation: SegmentationNet | None
+    student_reads_teacher = False  # True when the student decodes the teacher's features (TESD)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    # -- subclass hooks
+    def student_features(self, x: torch.Tensor, teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def student_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def segmentation_input(self, t: list[torch.Tensor], s: list[torch.Tensor]) -> torch.Tensor:
+        size = t[0].shape[-2:]
+        return torch.cat([resize(-(tk * sk), size) for tk, sk in zip(t, s)], dim=1)
+
+    # -- schedule
+    def stages(self, n_train: int) -> list[Stage]:
+        c = self.config
+        stages = [Stage("student", c.student_steps, [{"params": list(self.student_module().parameters()),
+                                                      "lr": c.lr_student}], [self.student_module()])]
+        if self.segmentation is not None and c.steps > c.student_steps:
+            stages.append(Stage("segmentation", c.steps - c.student_steps, [
+                {"params": list(self.segmentation.res.parameters()), "lr": c.lr_res},
+                {"params": list(self.segmentation.head.parameters()) + self.extra_segmentation_parameters(),
+                 "lr": c.lr_head},
+            ], [self.segmentation] + self.extra_segmentation_modules()))
+        return stages
+
+    def extra_segmentation_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def extra_segmentation_modules(self) -> list[nn.Module]:
+        return []
+
+    def training_loss(self, stage: str, batch: dict) -> torch.Tensor:
+        image, augmented = batch["image"], batch["augmented"]
+        if stage == "student":
+            student_input = augmented if self.config.denoising else image
+            with torch.no_grad():
+                t_clean = [l2_normalize(f) for f in self.teacher(image)]
+                t_in = self.teacher(student_input) if self.student_reads_teacher else None
+            s = [l2_normalize(f) for f in self.student_features(student_input, t_in)]
+            return cosine_loss(t_clean, s)
+        with torch.no_grad():
+            t_raw = self.teacher(augmented)
+            t = [l2_normalize(f) for f in t_raw]
+            s = [l2_normalize(f) for f in self.student_features(augmented, t_raw)]
+        pred = self.segmentation(self.segmentation_input(t, s)).float()
+        target = segmentation_target(batch["mask"], pred.shape[-2:])
+        return focal_loss(pred, target, self.config.focal_gamma) + (pred - target).abs().mean()
+
+    # -- inference
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised images (N, 3, H, W) -> anomaly ``map`` (N, H, W), ``score`` (N,), and the DeST
+        product map ``dest_map`` / ``dest_score``."""
+        t_raw = self.teacher(x)
+        t = [l2_normalize(f) for f in t_raw]
+        s = [l2_normalize(f) for f in self.student_features(x, t_raw)]
+        size64 = t[0].shape[-2:]
+        dest = torch.cat([resize(a, size64) for a in cosine_distance_maps(t, s)], dim=1).prod(dim=1, keepdim=True)
+        dest_map = resize(dest, x.shape[-2:])[:, 0].float()
+        out = {"dest_map": dest_map, "dest_score": top_k_mean(dest_map, self.config.top_k)}
+        if self.segmentation is not None:
+            seg = self.segmentation(self.segmentation_input(t, s))
+            anomaly_map = resize(seg.float(), x.shape[-2:])[:, 0]
+        else:
+            anomaly_map = dest_map
+        out["map"] = anomaly_map
+        out["score"] = top_k_mean(anomaly_map, self.config.top_k)
+        return out

@@ -1,0 +1,63 @@
+"""STFPM (Wang et al., BMVC 2021): student-teacher feature pyramid matching.
+
+Teacher and student share the architecture (student randomly initialised); the student learns the
+teacher's normalised features of normal images on three scales. Anomaly map: product over scales of the
+squared feature distance; image score: the map's maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from destseg.models.backbones import Teacher, build_backbone
+from destseg.models.common import Stage, l2_normalize, resize
+
+
+@dataclass
+class STFPMConfig:
+    """SPEC "STFPM baseline" values as defaults."""
+
+    teacher: str = "resnet18"
+    image_size: int = 256
+    batch_size: int = 32
+    epochs: int = 100
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    val_split: float = 0.2  # held-out share of the train normals for checkpoint selection
+
+
+def feature_distances(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per scale sum over channels of (t^ - s^)^2, shape (N, H_k, W_k)."""
+    return [((l2_normalize(tk) - l2_normalize(sk)) ** 2).sum(dim=1) for tk, sk in zip(t, s)]
+
+
+class STFPM(nn.Module):
+    def __init__(self, config: STFPMConfig, teacher_weights=None, pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.teacher = Teacher(config.teacher, teacher_weights, pretrained)
+        self.student = build_backbone(config.teacher, pretrained=False, features_only=True)
+
+    def stages(self, n_train: int) -> list[Stage]:
+        c = self.config
+        steps_per_epoch = -(-n_train // c.batch_size)
+        return [Stage("student", c.epochs * steps_per_epoch, [{"params": list(self.student.parameters()),
+                                                               "lr": c.lr}], [self.student],
+                      needs_synthesis=False, extra={"validate_every": steps_per_epoch})]
+
+    def training_loss(self, stage: str, batch: dict) -> torch.Tensor:
+        image = batch["image"]
+        with torch.no_grad():
+            t = self.teacher(image)
+        return sum(d.mean() for d in feature_distances(t, self.student.features(image)))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        d = feature_distances(self.teacher(x), self.student.features(x))
+        size64 = d[0].shape[-2:]
+        product = torch.stack([resize(dk[:, None], size64)[:, 0] for dk in d], dim=1).prod(dim=1)
+        anomaly_map = resize(product[:, None], x.shape[-2:])[:, 0].float()
+        return {"map": anomaly_map, "score": anomaly_map.flatten(1).amax(dim=1)}

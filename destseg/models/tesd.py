@@ -1,0 +1,118 @@
+"""TESD: teacher-encoder / student-decoder denoising with adaptive segmentation, after PFADSeg.
+
+Our interpretation of the PFADSeg abstract (see docs/TESD.md for what is taken from it and what is ours).
+The student has no encoder of its own: it decodes the frozen teacher's features of the corrupted image,
+fused across the three scales into a stride-32 bottleneck, back to the teacher's features of the clean
+image. The segmentation network weights the per-scale similarity features with learned, per-pixel,
+input-dependent weights before fusing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from destseg.models.backbones import BasicBlock, Teacher, kaiming_init
+from destseg.models.common import (
+    Decoder, SegmentationGuidedModel, SegmentationNet, cosine_distance_maps, resize,
+)
+
+
+@dataclass
+class TESDConfig:
+    """Same schedule shape as DeSTSeg (the PFADSeg paper's own values are not public)."""
+
+    teacher: str = "resnet18"
+    image_size: int = 256
+    batch_size: int = 32
+    steps: int = 5000
+    student_steps: int = 1000
+    lr_student: float = 0.4
+    lr_res: float = 0.1
+    lr_head: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    focal_gamma: float = 4.0
+    top_k: int = 100
+    fusion_width: int = 128  # channels per scale in the fusion block
+    denoising: bool = True
+
+
+class ScaleFusion(nn.Module):
+    """Multi-scale fusion into a bottleneck: each teacher scale -> 1x1 conv to ``width``, average-pooled
+    to stride 16, concatenated, then one strided BasicBlock to a 512-channel stride-32 code. The narrow
+    stride-32 code is what keeps the decoder from copying anomalous teacher features straight through."""
+
+    def __init__(self, channels: tuple[int, int, int], width: int):
+        super().__init__()
+        self.align = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            for c in channels)
+        self.bottleneck = BasicBlock(3 * width, 512, stride=2)
+        kaiming_init(self)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[-1].shape[-2:]
+        fused = torch.cat([F.adaptive_avg_pool2d(a(f), size) for a, f in zip(self.align, feats)], dim=1)
+        return self.bottleneck(fused)
+
+
+class StudentDecoder(nn.Module):
+    def __init__(self, channels: tuple[int, int, int], width: int):
+        super().__init__()
+        self.fusion = ScaleFusion(channels, width)
+        self.decoder = Decoder(channels)
+
+    def forward(self, teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.decoder(self.fusion(teacher_feats), [f.shape[-2:] for f in teacher_feats])
+
+
+class ScaleGate(nn.Module):
+    """Per-pixel weights over the scales from the three cosine-distance maps (softmax, times 3 so that
+    equal weights leave the features unchanged)."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, hidden, 3, padding=1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hidden, 3, 1))
+        nn.init.zeros_(self.net[-1].weight)  # start from equal weights
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, distances: torch.Tensor) -> torch.Tensor:
+        return 3 * torch.softmax(self.net(distances), dim=1)
+
+
+class TESD(SegmentationGuidedModel):
+    student_reads_teacher = True
+
+    def __init__(self, config: TESDConfig, teacher_weights=None, pretrained: bool = True):
+        super().__init__(config)
+        self.teacher = Teacher(config.teacher, teacher_weights, pretrained)
+        channels = self.teacher.channels
+        self.student = StudentDecoder(channels, config.fusion_width)
+        self.gate = ScaleGate()
+        self.segmentation = SegmentationNet(sum(channels))
+
+    def student_module(self) -> nn.Module:
+        return self.student
+
+    def student_features(self, x, teacher_feats=None):
+        if teacher_feats is None:
+            teacher_feats = self.teacher(x)
+        return self.student(teacher_feats)
+
+    def segmentation_input(self, t, s):
+        size = t[0].shape[-2:]
+        distances = torch.cat([resize(a, size) for a in cosine_distance_maps(t, s)], dim=1)
+        weights = self.gate(distances)
+        products = [resize(-(tk * sk), size) * weights[:, k:k + 1] for k, (tk, sk) in enumerate(zip(t, s))]
+        return torch.cat(products, dim=1)
+
+    def extra_segmentation_parameters(self):
+        return list(self.gate.parameters())
+
+    def extra_segmentation_modules(self):
+        return [self.gate]

@@ -1,0 +1,371 @@
+"""The one training loop shared by every model.
+
+A model provides ``stages(n_train)`` (which parameters learn, at what rates, for how many steps) and
+``training_loss(stage, batch)``; this module does the rest: data, precision, SGD, progress, logging,
+checkpoints, interruption and resume. Run directory layout::
+
+    RUN/config.json     model name and config, data source, training options
+    RUN/checkpoint.pt   the one self-describing checkpoint (latest state; final weights when finished)
+    RUN/train.log       one JSON line per logged step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from destseg import __version__
+from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset, default_rotation, scan_dataset
+from destseg.data.datasets import DatasetIndex, TestDataset, TestSample, seed_worker
+from destseg.errors import DestsegError
+from destseg.models import MODELS, build_model, model_config
+from destseg.models.backbones import backbone_spec
+
+
+class TrainingInterrupted(DestsegError):
+    """Raised after a signal stopped training and a resumable checkpoint was written."""
+
+
+@dataclass
+class TrainOptions:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
+    num_workers: int = -1  # -1: chosen from the CPU count
+    texture_dir: str | None = None  # anomaly sources; None: built-in generator
+    rotation: str | None = None  # none | small | rot90; None: the category's SPEC default
+    checkpoint_every: int = 200  # steps
+    log_every: int = 10
+    teacher_weights: str | None = None
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------ device, precision
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DestsegError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """None means fp32. bf16 on CPU uses AMX/AVX-512 through oneDNN where the CPU has it."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise DestsegError(f"bf16 is not supported on {device}; use --precision fp32")
+    if precision not in ("auto", "bf16"):
+        raise DestsegError(f"unknown precision '{precision}' (auto, bf16 or fp32)")
+    return torch.bfloat16 if supported else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, dtype) -> torch.nn.Module:
+    model = model.to(device)
+    if dtype is not None or device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # oneDNN/cuDNN fast paths
+    return model
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.ndim == 4 and v.shape[1] == 3:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = os.cpu_count() or 1
+    if device.type == "cpu":
+        return 0 if cpus <= 2 else min(4, cpus // 4)  # on a small CPU a worker steals compute threads
+    return min(8, cpus)
+
+
+# ----------------------------------------------------------------------------------------- run config
+
+@dataclass
+class DataSource:
+    root: str
+    category: str
+    layout: str = "auto"
+
+    def scan(self) -> DatasetIndex:
+        return scan_dataset(self.root, self.category, self.layout)
+
+
+def write_run_config(run_dir: Path, model_name: str, config, data: DataSource | None, options: TrainOptions):
+    payload = {"library_version": __version__, "model": model_name, "config": dataclasses.asdict(config),
+               "data": dataclasses.asdict(data) if data else None, "options": dataclasses.asdict(options)}
+    atomic_write_text(run_dir / "config.json", json.dumps(payload, indent=2) + "\n")
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DestsegError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DestsegError(f"{path}: invalid JSON ({exc})") from None
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Existing results are never replaced unless asked: --resume continues, --overwrite starts anew."""
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise DestsegError(f"{run_dir}: nothing to resume (no checkpoint.pt)")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise DestsegError(f"{run_dir}: run directory exists and is not empty; pass --resume to continue "
+                               "it or --overwrite to replace it")
+        for name in ("checkpoint.pt", "train.log", "metrics.json", "thresholds.json", "config.json"):
+            (run_dir / name).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and stops."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _split_validation(paths: list[Path], share: float, seed: int) -> tuple[list[Path], list[Path]]:
+    if share <= 0:
+        return paths, []
+    n_val = max(1, int(round(share * len(paths))))
+    if n_val >= len(paths):
+        raise DestsegError(f"{len(paths)} training images are too few to hold out {share:.0%} for validation")
+    perm = np.random.default_rng([seed, 7]).permutation(len(paths))
+    val = set(perm[:n_val].tolist())
+    return [p for i, p in enumerate(paths) if i not in val], [p for i, p in enumerate(paths) if i in val]
+
+
+@torch.no_grad()
+def mean_map(model, loader, device, dtype) -> float:
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, dtype):
+            m = model(batch["image"])["map"].float()
+        total += float(m.sum())
+        count += m.numel()
+    return total / max(count, 1)
+
+
+def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | None = None,
+          index: DatasetIndex | None = None, options: TrainOptions | None = None, resume: bool = False,
+          overwrite: bool = False) -> Path:
+    """Train ``model_name`` on ``data`` (or a pre-scanned ``index``) into ``run_dir``.
+
+    With ``resume`` the run's own config and checkpoint are used and training continues from the last
+    saved step. Returns the checkpoint path. Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume, overwrite)
+    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = None
+    if resume:
+        saved = read_run_config(run_dir)
+        model_name = saved["model"]
+        config = model_config(model_name, **saved["config"])
+        options = TrainOptions(**{**saved["options"], **({"progress": options.progress} if options else {})})
+        data = DataSource(**saved["data"]) if saved["data"] else data
+        ckpt = load_checkpoint(ckpt_path, expected_model=model_name)
+        if ckpt.get("finished"):
+            raise DestsegError(f"{run_dir}: training already finished; nothing to resume")
+    options = options or TrainOptions()
+    config = config or model_config(model_name)
+    if index is None:
+        if data is None:
+            raise DestsegError("train() needs a data source or a dataset index")
+        index = data.scan()
+    if not index.train:
+        raise DestsegError(f"{index.name}: the training folder has no images")
+
+    device = resolve_device(options.device)
+    dtype = autocast_dtype(device, options.precision)
+    torch.manual_seed(options.seed)  # weight initialisation
+    model = build_model(model_name, config, teacher_weights=options.teacher_weights, pretrained=ckpt is None)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_state"])
+    model = prepare_model(model, device, dtype)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_run_config(run_dir, model_name, config, data, options)
+
+    spec = backbone_spec(config.teacher)
+    val_share = getattr(config, "val_split", 0.0)
+    train_paths, val_paths = _split_validation(index.train, val_share, options.seed)
+    category = data.category if data else index.name.split("/")[-1]
+    rotation = options.rotation or default_rotation(category)
+    stages = model.stages(len(train_paths))
+    synth = AnomalySynthesizer(config.image_size, options.texture_dir) if any(s.needs_synthesis for s in stages) else None
+    train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
+    workers = default_workers(device) if options.num_workers < 0 else options.num_workers
+    val_loader = None
+    if val_paths:
+        val_ds = TestDataset([TestSample(p, 0, None, "good") for p in val_paths], config.image_size, spec.mean, spec.std)
+        val_loader = torch.utils.data.DataLoader(val_ds, batch_size=config.batch_size, num_workers=workers)
+
+    total_steps = sum(s.steps for s in stages)
+    step = ckpt["step"] if ckpt else 0
+    best = ckpt.get("best") if ckpt else None
+    log_file = open(run_dir / "train.log", "a")
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {model_name}", unit="step", dynamic_ncols=True,
+               disable=not options.progress, file=sys.stderr)
+    t_start = time.time() - (ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
+
+    def checkpoint(stage_name, optimizer, finished=False):
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(ckpt_path, {
+            "model": model_name, "config": dataclasses.asdict(config), "teacher": config.teacher,
+            "step": step, "stage": stage_name, "finished": finished, "seed": options.seed,
+            "elapsed_s": time.time() - t_start, "model_state": state,
+            "optimizer_state": None if finished else optimizer.state_dict(), "best": best,
+        })
+
+    try:
+        with _StopFlag() as stop:
+            offset = 0
+            for stage_index, stage in enumerate(stages):
+                if step >= offset + stage.steps:
+                    offset += stage.steps
+                    continue
+                local_start = step - offset
+                trainable = {id(p) for g in stage.param_groups for p in g["params"]}
+                for p in model.parameters():
+                    p.requires_grad_(id(p) in trainable)
+                optimizer = torch.optim.SGD(stage.param_groups, lr=stage.param_groups[0]["lr"],
+                                            momentum=config.momentum, weight_decay=config.weight_decay)
+                if ckpt is not None and ckpt.get("stage") == stage.name and ckpt.get("optimizer_state"):
+                    optimizer.load_state_dict(ckpt["optimizer_state"])
+                sampler = StepSampler(len(train_ds), config.batch_size, options.seed, stage.steps,
+                                      start_step=local_start, stream=stage_index)
+                loader = torch.utils.data.DataLoader(
+                    train_ds, batch_sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
+                    persistent_workers=False, pin_memory=device.type == "cuda")
+                model.eval()
+                for m in stage.train_modules:
+                    m.train()
+                validate_every = stage.extra.get("validate_every")
+                bar.set_description(f"{model_name}:{stage.name}")
+                loss_avg = None
+                for batch in loader:
+                    batch = to_device(batch, device)
+                    with autocast(device, dtype):
+                        loss = model.training_loss(stage.name, batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise DestsegError(f"loss became {value} at step {step} ({stage.name}); "
+                                           "try a lower learning rate or --precision fp32")
+                    loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_avg:.4f}")
+                    if step % options.log_every == 0 or step == offset + stage.steps:
+                        log_file.write(json.dumps({"step": step, "stage": stage.name, "loss": value,
+                                                   "time_s": round(time.time() - t_start, 2)}) + "\n")
+                        log_file.flush()
+                    if validate_every and val_loader is not None and (step - offset) % validate_every == 0:
+                        value = mean_map(model, val_loader, device, dtype)
+                        model.eval()
+                        for m in stage.train_modules:
+                            m.train()
+                        if best is None or value < best["value"]:
+                            best = {"value": value, "step": step,
+                                    "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                    if stop.signum is not None:
+                        checkpoint(stage.name, optimizer)
+                        raise TrainingInterrupted(
+                            f"training stopped by signal {stop.signum} at step {step}/{total_steps}; "
+                            f"checkpoint saved, continue with: destseg train --out {run_dir} --resume")
+                    if step % options.checkpoint_every == 0:
+                        checkpoint(stage.name, optimizer)
+                offset += stage.steps
+                checkpoint(stage.name, optimizer)
+            if best is not None:  # STFPM: keep the weights with the lowest validation anomaly map
+                model.load_state_dict(best["model_state"])
+                best = {k: v for k, v in best.items() if k != "model_state"}
+            checkpoint(stages[-1].name, None, finished=True)
+    finally:
+        bar.close()
+        log_file.close()
+    return ckpt_path
+
+
+def load_model(run_dir: Path | str, device: str = "cpu"):
+    """(model in eval mode, checkpoint dict) of a finished or partial run."""
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir
+    ckpt = load_checkpoint(path)
+    name = ckpt["model"]
+    if name not in MODELS:
+        raise DestsegError(f"{path}: unknown model '{name}'")
+    try:
+        config = model_config(name, **ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise DestsegError(f"{path}: config does not fit model '{name}' of destseg {__version__} ({exc})") from None
+    model = build_model(name, config, pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise DestsegError(f"{path}: weights do not fit model '{name}' ({str(exc).splitlines()[0]})") from None
+    dev = resolve_device(device)
+    return model.to(dev).eval(), ckpt

@@ -1,0 +1,30 @@
+"""Heat-map overlays without plotting libraries: a small colour map and alpha blending."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Control points of a perceptually ordered map (dark blue -> cyan -> yellow -> red), value -> RGB.
+_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+_COLORS = np.array([[0, 0, 130], [0, 160, 255], [120, 255, 120], [255, 220, 0], [210, 0, 0]], dtype=np.float32)
+
+
+def colorize(values01: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8."""
+    v = np.clip(values01, 0, 1)
+    rgb = np.stack([np.interp(v, _STOPS, _COLORS[:, c]) for c in range(3)], axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5,
+            mask: np.ndarray | None = None) -> np.ndarray:
+    """Blend the coloured map over the image (both (H, W[, 3]) at the same size); ``mask`` draws a
+    white outline of a binary mask on top."""
+    norm = (anomaly_map - vmin) / max(vmax - vmin, 1e-12)
+    out = (1 - alpha) * image.astype(np.float32) + alpha * colorize(norm).astype(np.float32)
+    out = out.astype(np.uint8)
+    if mask is not None:
+        m = mask.astype(bool)
+        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+        out[edge] = 255
+    return out

@@ -1,0 +1,197 @@
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from destseg.cli import main
+from destseg.data import (
+    AnomalySynthesizer, StepSampler, TrainDataset, scan_folder, scan_mvtec, scan_visa, validate,
+)
+from destseg.data.images import read_mask, read_rgb, resize_mask
+from destseg.data.synthesis import GeneratedTextures, perlin_mask
+from destseg.errors import DatasetError, ImageError
+
+
+def test_scan_counts(tiny_mvtec):
+    s = scan_mvtec(tiny_mvtec, "widget").summary()
+    assert (s["train"], s["test"], s["test_good"], s["test_defect"], s["masks"]) == (6, 4, 2, 2, 2)
+    assert s["defect_types"] == {"spot": 2} and s["problems"] == []
+
+
+def test_inspect_cli_json(tiny_mvtec, capsys):
+    assert main(["inspect", "--data", str(tiny_mvtec), "--category", "widget", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train"] == 6 and out["test_defect"] == 2 and out["problems"] == []
+
+
+def test_inspect_shared_bottle(shared_bottle, capsys):
+    assert main(["inspect", "--data", str(shared_bottle), "--category", "bottle", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["train"], out["test"], out["test_good"], out["test_defect"], out["masks"]) == (209, 83, 20, 63, 63)
+
+
+def test_wrong_category_names_path_and_lists_categories(tiny_mvtec, capsys):
+    with pytest.raises(DatasetError, match="category 'nope' not found.*widget"):
+        scan_mvtec(tiny_mvtec, "nope")
+    assert main(["inspect", "--data", str(tiny_mvtec), "--category", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_empty_train_folder(tiny_mvtec):
+    for p in (tiny_mvtec / "widget" / "train" / "good").iterdir():
+        p.unlink()
+    index = validate(scan_mvtec(tiny_mvtec, "widget"))
+    assert any("no images" in p for p in index.problems)
+    with pytest.raises(DatasetError, match="empty"):
+        TrainDataset([], 64, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_truncated_image_named(tiny_mvtec):
+    path = tiny_mvtec / "widget" / "train" / "good" / "000.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="000.png.*(truncated|corrupt)"):
+        read_rgb(path)
+    problems = validate(scan_mvtec(tiny_mvtec, "widget")).problems
+    assert any("000.png" in p for p in problems)
+    with pytest.raises(ImageError, match="000.png"):
+        TrainDataset(scan_mvtec(tiny_mvtec, "widget").train, 64, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_non_image_file(tmp_path, tiny_mvtec):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not a png")
+    with pytest.raises(ImageError, match="notes.png: not an image"):
+        read_rgb(bad)
+    (tiny_mvtec / "widget" / "train" / "good" / "readme.txt").write_text("x")
+    assert any("readme.txt: not an image file" in p for p in scan_mvtec(tiny_mvtec, "widget").problems)
+
+
+def test_mode_conversions(tmp_path):
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).save(gray)
+    rgba = tmp_path / "a.png"
+    Image.fromarray(np.full((8, 8, 4), 200, np.uint8), mode="RGBA").save(rgba)
+    deep = tmp_path / "d.png"
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(deep)
+    for p, value in ((gray, 100), (rgba, 200), (deep, 255)):
+        img = read_rgb(p)
+        assert img.mode == "RGB"
+        assert np.asarray(img)[0, 0].tolist() == [value] * 3
+
+
+def test_huge_header_refused_without_decoding(tmp_path):
+    # A valid PNG header claiming 20000 x 20000 pixels, no image data.
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    path = tmp_path / "huge.png"
+    path.write_bytes(png)
+    with pytest.raises(ImageError, match="huge.png.*too large"):
+        read_rgb(path)
+
+
+def test_defect_without_mask(tiny_mvtec):
+    (tiny_mvtec / "widget" / "ground_truth" / "spot" / "001_mask.png").unlink()
+    index = scan_mvtec(tiny_mvtec, "widget")
+    assert any("001.png: defect image has no mask" in p for p in index.problems)
+
+
+def test_mask_size_mismatch(tiny_mvtec):
+    mask = tiny_mvtec / "widget" / "ground_truth" / "spot" / "000_mask.png"
+    Image.fromarray(np.zeros((64, 40), np.uint8)).save(mask)
+    problems = validate(scan_mvtec(tiny_mvtec, "widget")).problems
+    assert any("000_mask.png: mask is 40x64" in p and "aspect ratio" in p for p in problems)
+    # Same aspect ratio at another size (MVTec's full-size masks beside resized images) is accepted.
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(mask)
+    assert validate(scan_mvtec(tiny_mvtec, "widget")).problems == []
+
+
+def test_mask_resize_rule():
+    mask = np.zeros((900, 900), bool)
+    mask[0:450, :] = True
+    small = resize_mask(mask, 256)
+    assert small.shape == (256, 256) and small[:127].all() and not small[129:].any()
+
+
+def test_read_mask_binarises(tmp_path):
+    p = tmp_path / "m.png"
+    Image.fromarray(np.array([[0, 1], [128, 255]], np.uint8)).save(p)
+    assert read_mask(p).tolist() == [[False, True], [True, True]]
+
+
+def test_visa_layout(tmp_path):
+    root = tmp_path / "visa"
+    (root / "split_csv").mkdir(parents=True)
+    (root / "candle" / "Data" / "Images").mkdir(parents=True)
+    (root / "candle" / "Data" / "Masks").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "candle" / "Data" / "Images" / f"{name}.JPG")
+    Image.fromarray(np.array([[0, 3], [0, 0]], np.uint8)).save(root / "candle" / "Data" / "Masks" / "c.png")
+    (root / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/a.JPG,\n"
+        "candle,test,normal,candle/Data/Images/b.JPG,\n"
+        "candle,test,anomaly,candle/Data/Images/c.JPG,candle/Data/Masks/c.png\n"
+        "other,train,normal,x.JPG,\n")
+    s = scan_visa(root, "candle").summary()
+    assert (s["train"], s["test_good"], s["test_defect"], s["masks"]) == (1, 1, 1, 1)
+    assert read_mask(root / "candle" / "Data" / "Masks" / "c.png").sum() == 1  # > 0 binarisation
+
+
+def test_folder_dataset(tmp_path):
+    for d in ("ok", "bad", "masks"):
+        (tmp_path / d).mkdir()
+    for i in range(10):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok" / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "bad" / "x.png")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "masks" / "x_mask.png")
+    s = scan_folder(tmp_path / "ok", tmp_path / "bad", tmp_path / "masks").summary()
+    assert (s["train"], s["test_good"], s["test_defect"], s["masks"]) == (8, 2, 1, 1)
+
+
+def test_synthesis_is_a_function_of_the_seed():
+    synth = AnomalySynthesizer(64)
+    img = np.full((64, 64, 3), 0.5, np.float32)
+    a1, m1 = synth(img, np.random.default_rng([1, 2]))
+    a2, m2 = synth(img, np.random.default_rng([1, 2]))
+    assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
+    # Outside the mask the image is untouched; inside it is blended with the source.
+    assert np.array_equal(a1[~m1], img[~m1])
+
+
+def test_perlin_mask_covers_varied_areas():
+    rng = np.random.default_rng(0)
+    areas = [perlin_mask(64, rng).mean() for _ in range(50)]
+    assert min(areas) < 0.05 and max(areas) > 0.05  # sometimes small/empty, sometimes large
+    tex = GeneratedTextures(32)(rng)
+    assert tex.shape == (32, 32, 3) and tex.min() >= 0 and tex.max() <= 1
+
+
+def test_step_sampler_deterministic_and_resumable():
+    full = list(StepSampler(10, 4, seed=3, total_steps=7))
+    resumed = list(StepSampler(10, 4, seed=3, total_steps=7, start_step=4))
+    assert full[4:] == resumed
+    # Every epoch visits every image once.
+    indices = [i for batch in full for i, _ in batch][:10]
+    assert sorted(indices) == list(range(10))
+    # Two ranks each take half of every global batch.
+    r0 = list(StepSampler(10, 4, 3, 7, rank=0, world_size=2))
+    r1 = list(StepSampler(10, 4, 3, 7, rank=1, world_size=2))
+    assert [a + b for a, b in zip(r0, r1)] == full
+
+
+def test_train_batches_identical_across_worker_counts(tiny_mvtec):
+    index = scan_mvtec(tiny_mvtec, "widget")
+    ds = TrainDataset(index.train, 64, (0.5,) * 3, (0.5,) * 3, "rot90", AnomalySynthesizer(64))
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=StepSampler(len(ds), 3, 0, 3), num_workers=workers)
+        return [b["augmented"] for b in loader]
+
+    for a, b in zip(batches(0), batches(2)):
+        assert torch.equal(a, b)
