@@ -30,19 +30,24 @@ def _binary(name: str, y: np.ndarray) -> np.ndarray:
     return y
 
 
-def _curve_counts(scores: np.ndarray, targets: np.ndarray):
+def _descending(scores: np.ndarray) -> np.ndarray:
+    """Indices sorting ``scores`` descending (ties need no stable order: they are grouped)."""
+    return np.argsort(scores, kind="quicksort")[::-1]
+
+
+def _curve_counts(scores: np.ndarray, targets: np.ndarray, order: np.ndarray | None = None):
     """Cumulative true/false positives at each distinct threshold, thresholds descending."""
     scores = np.asarray(scores).ravel()
     targets = np.asarray(targets).ravel()
-    order = np.argsort(scores, kind="stable")[::-1]
+    order = _descending(scores) if order is None else order
     s, t = scores[order], targets[order]
-    last_of_group = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    last_of_group = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
     tps = np.cumsum(t, dtype=np.int64)[last_of_group]
     fps = (last_of_group + 1) - tps
     return tps, fps, s[last_of_group]
 
 
-def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+def auroc(scores: np.ndarray, targets: np.ndarray, order: np.ndarray | None = None) -> float:
     """Area under the ROC curve (trapezoid over distinct thresholds, as scikit-learn)."""
     targets = _binary("targets", targets)
     _check_finite("scores", np.asarray(scores))
@@ -51,26 +56,26 @@ def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
     if n_pos == 0 or n_neg == 0:
         raise MetricError("AUROC needs both positive and negative samples "
                           f"(got {n_pos} positive, {n_neg} negative)")
-    tps, fps, _ = _curve_counts(scores, targets)
+    tps, fps, _ = _curve_counts(scores, targets, order)
     tpr = np.r_[0, tps] / n_pos
     fpr = np.r_[0, fps] / n_neg
     return float(np.trapezoid(tpr, fpr))
 
 
-def precision_recall(scores: np.ndarray, targets: np.ndarray):
+def precision_recall(scores: np.ndarray, targets: np.ndarray, order: np.ndarray | None = None):
     """(precision, recall, thresholds) at each distinct threshold, thresholds descending."""
     targets = _binary("targets", targets)
     _check_finite("scores", np.asarray(scores))
     n_pos = int(targets.sum())
     if n_pos == 0:
         raise MetricError("precision/recall need at least one positive sample")
-    tps, fps, thresholds = _curve_counts(scores, targets)
+    tps, fps, thresholds = _curve_counts(scores, targets, order)
     return tps / (tps + fps), tps / n_pos, thresholds
 
 
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+def average_precision(scores: np.ndarray, targets: np.ndarray, order: np.ndarray | None = None) -> float:
     """AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds (scikit-learn's definition)."""
-    precision, recall, _ = precision_recall(scores, targets)
+    precision, recall, _ = precision_recall(scores, targets, order)
     return float(np.sum(np.diff(np.r_[0, recall]) * precision))
 
 
@@ -93,7 +98,7 @@ def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, total
 
 
-def pro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
+def pro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3, order: np.ndarray | None = None) -> float:
     """Area under the per-region-overlap curve up to FPR ``max_fpr``, divided by ``max_fpr``.
 
     FPR runs over all ground-truth-negative pixels of the set; PRO(t) is the mean over GT regions of the
@@ -112,9 +117,9 @@ def pro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3) -> float:
     # Each pixel adds to the curve when the threshold passes it: a normal pixel 1/n_neg to FPR, a region
     # pixel 1/(size * n_regions) to PRO.
     weight = np.where(flat_regions > 0, 1.0 / (sizes[flat_regions] * n_regions), 0.0)
-    order = np.argsort(maps.ravel(), kind="stable")[::-1]
+    order = _descending(maps.ravel()) if order is None else order
     s = maps.ravel()[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
     fpr = np.r_[0, np.cumsum((flat_regions[order] == 0), dtype=np.int64)[last] / n_neg]
     overlap = np.r_[0, np.cumsum(weight[order])[last]]
     cut = int(np.searchsorted(fpr, max_fpr, side="left"))
@@ -140,7 +145,8 @@ def instance_scores(maps: np.ndarray, masks: np.ndarray, ratio: float = 0.5) -> 
     return vals[starts + np.floor(ratio * sizes).astype(np.int64)]
 
 
-def instance_average_precision(maps: np.ndarray, masks: np.ndarray, recall_level: float = 0.9):
+def instance_average_precision(maps: np.ndarray, masks: np.ndarray, recall_level: float = 0.9,
+                               order: np.ndarray | None = None):
     """(IAP, IAP@recall_level) as in the SPEC.
 
     Instance scores ascending s_0..s_{N-1}; at s_i recall = 1 - i/N and precision is the share of pixels
@@ -153,8 +159,9 @@ def instance_average_precision(maps: np.ndarray, masks: np.ndarray, recall_level
     n = scores.size
     if n == 0:
         raise MetricError("IAP needs at least one defect region in the masks")
-    all_sorted = np.sort(maps.ravel())
-    gt_sorted = np.sort(maps[masks])
+    order = _descending(maps.ravel()) if order is None else order
+    all_sorted = maps.ravel()[order[::-1]]  # ascending
+    gt_sorted = all_sorted[masks.ravel()[order[::-1]]]
     above_all = all_sorted.size - np.searchsorted(all_sorted, scores, side="left")
     above_gt = gt_sorted.size - np.searchsorted(gt_sorted, scores, side="left")
     precision = np.maximum.accumulate(above_gt / above_all)
@@ -191,12 +198,13 @@ def evaluate(maps, masks, labels, scores=None) -> dict[str, float]:
     if scores.shape[0] != maps.shape[0]:
         raise MetricError(f"{scores.shape[0]} scores for {maps.shape[0]} maps")
     _check_finite("scores", scores)
-    iap, iap90 = instance_average_precision(maps, masks)
+    order = _descending(maps.ravel())  # one sort of all pixels serves every pixel metric
+    iap, iap90 = instance_average_precision(maps, masks, order=order)
     return {
         "i_auroc": auroc(scores, labels),
-        "p_auroc": auroc(maps.ravel(), masks.ravel()),
-        "p_ap": average_precision(maps.ravel(), masks.ravel()),
-        "pro": pro(maps, masks),
+        "p_auroc": auroc(maps.ravel(), masks.ravel(), order),
+        "p_ap": average_precision(maps.ravel(), masks.ravel(), order),
+        "pro": pro(maps, masks, order=order),
         "iap": iap,
         "iap90": iap90,
     }
