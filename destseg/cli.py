@@ -83,11 +83,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from destseg.infer import metrics_table, test_run
+    from destseg.infer import metrics_table, evaluate_run
     from destseg.train import DataSource
 
     data = DataSource(args.data, args.category, args.layout) if args.data else None
-    result = test_run(args.run, data, device=args.device, precision=args.precision,
+    result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
                       progress=not args.no_progress)
     result.pop("_outputs")
     print(json.dumps(result, indent=2) if args.json else metrics_table(result))

@@ -117,7 +117,7 @@ def write_heatmaps(out_dir: Path, outputs, samples, size: int) -> int:
 
 def run_demo(out: Path, overwrite: bool = False, steps: int | None = None, seed: int = 0) -> int:
     from destseg.data import scan_dataset, validate
-    from destseg.infer import metrics_table, test_run
+    from destseg.infer import metrics_table, evaluate_run
     from destseg.models import model_config
     from destseg.train import DataSource, TrainOptions, train
 
@@ -137,7 +137,7 @@ def run_demo(out: Path, overwrite: bool = False, steps: int | None = None, seed:
     config = model_config("destseg", **schedule)
     run = out / "run"
     train(run, "destseg", config, DataSource(str(data_root), "demo"), options=TrainOptions(seed=seed))
-    result = test_run(run, progress=False)
+    result = evaluate_run(run, progress=False)
     outputs = result.pop("_outputs")
     n = write_heatmaps(out / "heatmaps", outputs, index.test, config.image_size)
     print(metrics_table(result))

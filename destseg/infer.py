@@ -61,7 +61,7 @@ def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, bat
     return TestOutputs(maps, scores, masks, labels, dest_maps, dest_scores, seconds)
 
 
-def test_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
+def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 16, progress: bool = True) -> dict:
     """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json."""
     run_dir = Path(run_dir)

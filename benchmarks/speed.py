@@ -1,0 +1,102 @@
+"""Throughput of DeSTSeg at 256x256: stage-1 training, stage-2 training and inference, fp32 vs bf16
+(autocast + channels_last), plus the time of a category-sized metric evaluation.
+
+    .venv/bin/python benchmarks/speed.py [--teacher resnet18] [--batch-size 16] [--threads 2]
+
+Weights are random (speed does not depend on them), so this needs no download. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+
+from destseg.metrics import evaluate
+from destseg.models import build_model, model_config
+from destseg.train import autocast, prepare_model
+
+
+def images_per_s(fn, batch_size: int, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return batch_size * iters / (time.perf_counter() - t0)
+
+
+def bench_model(teacher: str, batch_size: int, dtype, warmup: int, iters: int) -> dict:
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = prepare_model(build_model("destseg", model_config("destseg", teacher=teacher), pretrained=False),
+                          device, dtype)
+    x = torch.randn(batch_size, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+    batch = {"image": x, "augmented": x + 0.1 * torch.randn_like(x),
+             "mask": (torch.rand(batch_size, 1, 256, 256) > 0.7).float()}
+    results = {}
+    for stage in model.stages(100):
+        opt = torch.optim.SGD(stage.param_groups, lr=1e-3, momentum=0.9)
+        model.eval()
+        for m in stage.train_modules:
+            m.train()
+
+        def step():
+            with autocast(device, dtype):
+                loss = model.training_loss(stage.name, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        results[f"train_{stage.name}"] = images_per_s(step, batch_size, warmup, iters)
+    model.eval()
+
+    @torch.no_grad()
+    def infer():
+        with autocast(device, dtype):
+            model(x)
+
+    results["inference"] = images_per_s(infer, batch_size, warmup, iters)
+    return results
+
+
+def bench_metrics(n: int = 150, size: int = 256) -> float:
+    rng = np.random.default_rng(0)
+    maps = rng.random((n, size, size), dtype=np.float32)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n // 2):
+        y, x = rng.integers(0, size - 40, 2)
+        masks[i, y:y + 30, x:x + 25] = True
+    maps[masks] += 0.3
+    labels = masks.reshape(n, -1).any(1)
+    t0 = time.perf_counter()
+    evaluate(maps, masks, labels)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", nargs="+", default=["resnet18", "efficientnet_lite0"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=4)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"batch {args.batch_size}, 256x256\n")
+    print("| teacher | precision | stage-1 train img/s | stage-2 train img/s | inference img/s |")
+    print("|---|---|---|---|---|")
+    for teacher in args.teacher:
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            r = bench_model(teacher, args.batch_size, dtype, args.warmup, args.iters)
+            print(f"| {teacher} | {name} | {r['train_student']:.1f} | {r['train_segmentation']:.1f} | "
+                  f"{r['inference']:.1f} |", flush=True)
+    print(f"\nmetrics (150 x 256 x 256 maps, all six): {bench_metrics():.2f} s")
+
+
+if __name__ == "__main__":
+    main()

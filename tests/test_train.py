@@ -1,0 +1,189 @@
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from destseg.checkpoint import load_checkpoint
+from destseg.cli import main
+from destseg.errors import CheckpointError, DestsegError
+from destseg.infer import Detector, evaluate_run
+from destseg.models import model_config
+from destseg.train import DataSource, TrainOptions, load_model, train
+
+TINY = dict(teacher="efficientnet_lite0", image_size=64, batch_size=4, steps=6, student_steps=3)
+
+
+def tiny_train(run, data_root, resume=False, overwrite=False, precision="fp32", model="destseg", **kw):
+    cfg = None if resume else model_config(model, **{**TINY, **kw}) if model != "stfpm" else \
+        model_config("stfpm", teacher="efficientnet_lite0", image_size=64, batch_size=4, epochs=2, **kw)
+    return train(run, model, cfg, DataSource(str(data_root), "widget"),
+                 options=TrainOptions(seed=1, precision=precision, progress=False, checkpoint_every=2),
+                 resume=resume, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("model", ["destseg", "tesd", "stfpm"])
+def test_train_save_reload_predict_identically(tmp_path, tiny_mvtec, model):
+    run = tmp_path / "run"
+    tiny_train(run, tiny_mvtec, model=model)
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["finished"] and ckpt["model"] == model and ckpt["teacher"] == "efficientnet_lite0"
+    assert ckpt["library_version"] and "model_state" in ckpt
+    result = evaluate_run(run, precision="fp32", progress=False)
+    outputs = result.pop("_outputs")
+    assert json.loads((run / "metrics.json").read_text())["i_auroc"] == pytest.approx(result["i_auroc"])
+    # Reloading gives the very same maps.
+    det = Detector.load(run, precision="fp32")
+    from destseg.data import scan_mvtec
+    from destseg.data.images import read_rgb
+    sample = scan_mvtec(tiny_mvtec, "widget").test[0]
+    pred = det.predict(read_rgb(sample.path))
+    assert np.allclose(pred.map, outputs.maps[0], atol=1e-5)
+    assert pred.is_defect is not None  # thresholds were stored by evaluate_run
+
+
+def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkeypatch):
+    full = tmp_path / "full"
+    tiny_train(full, tiny_mvtec)
+    part = tmp_path / "part"
+    # Interrupt with SIGTERM during step 4 (in the segmentation stage), as a scheduler would.
+    import destseg.train as tr
+
+    steps = {"n": 0}
+    real_update = tr.tqdm.update
+
+    def update(bar, n=1):
+        steps["n"] += n
+        if steps["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(bar, n)
+
+    monkeypatch.setattr(tr.tqdm, "update", update)
+    with pytest.raises(tr.TrainingInterrupted, match="step 4/6"):
+        tiny_train(part, tiny_mvtec)
+    monkeypatch.setattr(tr.tqdm, "update", real_update)
+    assert load_checkpoint(part / "checkpoint.pt")["step"] == 4
+    tiny_train(part, tiny_mvtec, resume=True)
+    a = load_checkpoint(full / "checkpoint.pt")["model_state"]
+    b = load_checkpoint(part / "checkpoint.pt")["model_state"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_mvtec):
+    results = []
+    for name in ("a", "b"):
+        tiny_train(tmp_path / name, tiny_mvtec)
+        r = evaluate_run(tmp_path / name, precision="fp32", progress=False)
+        r.pop("_outputs")
+        results.append({k: r[k] for k in ("i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90")})
+    assert results[0] == results[1]
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["seed"] == 1
+
+
+def test_existing_run_not_overwritten(tmp_path, tiny_mvtec):
+    run = tmp_path / "run"
+    tiny_train(run, tiny_mvtec)
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(DestsegError, match="--resume.*--overwrite"):
+        tiny_train(run, tiny_mvtec)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(DestsegError, match="already finished"):
+        tiny_train(run, tiny_mvtec, resume=True)
+    tiny_train(run, tiny_mvtec, overwrite=True)
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_payload_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "checkpoint.pt"
+    torch.save({"format_version": 1, "x": _Exploit(str(marker))}, bad, pickle_protocol=2)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+    bad.write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path, tiny_mvtec):
+    run = tmp_path / "run"
+    tiny_train(run, tiny_mvtec)
+    path = run / "checkpoint.pt"
+    data = path.read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(trunc)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(empty)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a destseg checkpoint"):
+        load_checkpoint(other)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["format_version"] = 99
+    ckpt["library_version"] = "9.9.9"
+    future = tmp_path / "future.pt"
+    torch.save(ckpt, future)
+    with pytest.raises(CheckpointError, match="format 99.*9.9.9"):
+        load_checkpoint(future)
+    with pytest.raises(CheckpointError, match="for model 'destseg', not 'stfpm'"):
+        load_checkpoint(path, expected_model="stfpm")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_state"] = {k: v for k, v in list(ckpt["model_state"].items())[:-3]}
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    torch.save(ckpt, wrong / "checkpoint.pt")
+    with pytest.raises(DestsegError, match="weights do not fit"):
+        load_model(wrong)
+
+
+def test_cli_train_and_test(tmp_path, tiny_mvtec, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_mvtec), "--category", "widget", "--out", str(run), "--teacher",
+            "efficientnet_lite0", "--image-size", "64", "--steps", "4", "--student-steps", "2",
+            "--batch-size", "2", "--no-progress", "--precision", "fp32"]
+    assert main(args) == 0
+    assert main(args) == 2  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["test", "--run", str(run), "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90", "dest_i_auroc"} <= set(out)
+
+
+def test_sigint_in_subprocess_leaves_resumable_checkpoint(tmp_path, tiny_mvtec):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "destseg", "train", "--data", str(tiny_mvtec), "--category", "widget",
+           "--out", str(run), "--teacher", "efficientnet_lite0", "--image-size", "64", "--steps", "400",
+           "--student-steps", "200", "--batch-size", "2", "--no-progress", "--precision", "fp32"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    log = run / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    step = load_checkpoint(run / "checkpoint.pt")["step"]
+    assert 0 < step < 400
+    assert not list(run.glob(".checkpoint.pt.*.tmp"))  # no temporary file left behind
