@@ -17,7 +17,7 @@ from torch import nn
 
 from destseg.models.backbones import BasicBlock, Teacher, kaiming_init
 from destseg.models.common import (
-    Decoder, SegmentationGuidedModel, SegmentationNet, cosine_distance_maps, resize,
+    Decoder, SegmentationGuidedModel, SegmentationNet, cat_channels, cosine_distance_maps, resize,
 )
 
 
@@ -56,7 +56,7 @@ class ScaleFusion(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         size = feats[-1].shape[-2:]
-        fused = torch.cat([F.adaptive_avg_pool2d(a(f), size) for a, f in zip(self.align, feats)], dim=1)
+        fused = cat_channels([F.adaptive_avg_pool2d(a(f), size) for a, f in zip(self.align, feats)])
         return self.bottleneck(fused)
 
 
@@ -109,7 +109,7 @@ class TESD(SegmentationGuidedModel):
         distances = torch.cat([resize(a, size) for a in cosine_distance_maps(t, s)], dim=1)
         weights = self.gate(distances)
         products = [resize(-(tk * sk), size) * weights[:, k:k + 1] for k, (tk, sk) in enumerate(zip(t, s))]
-        return torch.cat(products, dim=1)
+        return cat_channels(products)
 
     def extra_segmentation_parameters(self):
         return list(self.gate.parameters())
