@@ -23,6 +23,19 @@ SCHEDULES = {
 }
 
 
+def resolve_schedule(name: str) -> dict:
+    """A named schedule, or a JSON file {model: {config field: value}} for custom ones."""
+    if name in SCHEDULES:
+        return SCHEDULES[name]
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DestsegError(f"{path}: invalid schedule JSON ({exc})") from None
+    raise DestsegError(f"unknown schedule '{name}' (paper, cpu, or a .json file)")
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD layout, or VisA with split_csv)")
     p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
@@ -53,14 +66,15 @@ def cmd_train(args) -> int:
 
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
-                           checkpoint_every=args.checkpoint_every, teacher_weights=args.teacher_weights,
+                           checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                           teacher_weights=args.teacher_weights,
                            progress=not args.no_progress)
     if args.resume:
         config, data = None, None
     else:
         if not args.data or not args.category:
             raise DestsegError("--data and --category are required (unless --resume)")
-        overrides = dict(SCHEDULES[args.schedule].get(args.model, {}))
+        overrides = dict(resolve_schedule(args.schedule).get(args.model, {}))
         overrides.update({k: v for k, v in {
             "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
             "batch_size": args.batch_size, "epochs": args.epochs, "image_size": args.image_size}.items()
@@ -88,9 +102,27 @@ def cmd_test(args) -> int:
 
     data = DataSource(args.data, args.category, args.layout) if args.data else None
     result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
-                      progress=not args.no_progress)
+                          progress=not args.no_progress, fpr=args.fpr, report=not args.no_report)
     result.pop("_outputs")
     print(json.dumps(result, indent=2) if args.json else metrics_table(result))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from destseg.predict import run_predict
+
+    return run_predict(args.run, args.input, args.out, threshold=args.threshold,
+                       pixel_threshold=args.pixel_threshold, batch_size=args.batch_size, device=args.device,
+                       precision=args.precision, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def cmd_export(args) -> int:
+    from destseg.export import export_onnx
+
+    if args.out.exists() and not args.overwrite:
+        raise DestsegError(f"{args.out}: exists; pass --overwrite to replace it")
+    export_onnx(args.run, args.out)
+    print(f"saved {args.out}")
     return 0
 
 
@@ -117,6 +149,12 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.out), overwrite=args.overwrite, steps=args.steps)
 
 
+def cmd_benchmark(args) -> int:
+    from destseg.benchmark import run_benchmark
+
+    return run_benchmark(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="destseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"destseg {__version__}")
@@ -133,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="destseg", choices=["destseg", "stfpm", "tesd"])
     p.add_argument("--teacher", choices=["resnet18", "efficientnet_lite0"], help="default: resnet18 (paper)")
     p.add_argument("--teacher-weights", help="explicit teacher weights file (ResNet18: torchvision's)")
-    p.add_argument("--schedule", default="paper", choices=sorted(SCHEDULES),
-                   help="paper: the SPEC's schedule; cpu: reduced for a 2-core CPU (explicit flags override)")
+    p.add_argument("--schedule", default="paper",
+                   help="paper: the SPEC's schedule; cpu: reduced for a 2-core CPU; or a JSON file "
+                        "{model: {field: value}}. Explicit flags override it")
     p.add_argument("--steps", type=int, help="total steps, both stages (destseg, tesd)")
     p.add_argument("--student-steps", type=int, help="steps of stage 1 (destseg, tesd)")
     p.add_argument("--epochs", type=int, help="epochs (stfpm)")
@@ -150,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: automatic)")
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10, help="steps between train.log lines")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -160,9 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, required=False)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="false-positive rate for thresholds when the test split has no defects")
+    p.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("predict", help="score images (file, folder or glob): overlays, masks, CSV, JSON")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--input", required=True, help="image, folder (recursive) or quoted glob")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--threshold", type=float, help="image-score threshold (default: the run's)")
+    p.add_argument("--pixel-threshold", type=float, help="mask threshold (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a run to ONNX: normalised images -> (anomaly map, score)")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics of any method's outputs saved as .npz")
     p.add_argument("--predictions", required=True, help="npz with maps, masks, labels[, scores]")
@@ -174,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the demo's total steps")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="train and test (category, model, seed) runs; results table")
+    p.add_argument("--data", required=True)
+    p.add_argument("--categories", default="all", help="comma-separated, or all (MVTec AD's 15)")
+    p.add_argument("--models", default="destseg,stfpm,tesd")
+    p.add_argument("--schedule", default="cpu", help="paper, cpu, or a JSON file (see train --help)")
+    p.add_argument("--teacher", default="efficientnet_lite0", choices=["resnet18", "efficientnet_lite0"])
+    p.add_argument("--texture-dir")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per (category, model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 

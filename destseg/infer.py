@@ -61,9 +61,18 @@ def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, bat
     return TestOutputs(maps, scores, masks, labels, dest_maps, dest_scores, seconds)
 
 
+def fpr_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float) -> dict:
+    """Thresholds from normal images only: the (1 - fpr) quantiles of their image scores and pixels."""
+    return {"image": float(np.quantile(scores, 1 - fpr)), "pixel": float(np.quantile(maps, 1 - fpr)),
+            "method": f"normal images only, false-positive rate {fpr}"}
+
+
 def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
-             precision: str = "auto", batch_size: int = 16, progress: bool = True) -> dict:
-    """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json."""
+                 precision: str = "auto", batch_size: int = 16, progress: bool = True, fpr: float = 0.01,
+                 report: bool = False) -> dict:
+    """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json (and
+    RUN/report.html with ``report``). Thresholds: F1-max on the test split, or, when it has no defect
+    images, the (1 - fpr) quantile of the normal images' scores and pixels."""
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
     if data is None:
@@ -81,24 +90,35 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
     spec = backbone_spec(ckpt["config"]["teacher"])
     dataset = TestDataset(index.test, ckpt["config"]["image_size"], spec.mean, spec.std)
     out = run_test_split(model, dataset, dev, dtype, batch_size, progress)
-    metrics = evaluate(out.maps, out.masks, out.labels, out.scores)
-    result = {**metrics, "model": ckpt["model"], "teacher": ckpt["teacher"], "step": ckpt["step"],
+    result = {"model": ckpt["model"], "teacher": ckpt["teacher"], "step": ckpt["step"],
               "n_test": len(dataset), "precision": "fp32" if dtype is None else "bf16",
               "device": str(dev), "images_per_s": len(dataset) / max(out.seconds, 1e-9)}
-    if out.dest_maps is not None and ckpt["config"].get("segmentation", True):
-        dest = evaluate(out.dest_maps, out.masks, out.labels, out.dest_scores)
-        result.update({f"dest_{k}": v for k, v in dest.items()})
-    image_thr, image_f1 = f1_max_threshold(out.scores, out.labels)
-    pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel())
-    thresholds = {"image": image_thr, "pixel": pixel_thr, "image_f1": image_f1, "pixel_f1": pixel_f1,
-                  "method": "f1-max on the test split"}
+    if out.labels.any() and out.masks.any():
+        result.update(evaluate(out.maps, out.masks, out.labels, out.scores))
+        if out.dest_maps is not None and ckpt["config"].get("segmentation", True):
+            dest = evaluate(out.dest_maps, out.masks, out.labels, out.dest_scores)
+            result.update({f"dest_{k}": v for k, v in dest.items()})
+        image_thr, image_f1 = f1_max_threshold(out.scores, out.labels)
+        pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel())
+        thresholds = {"image": image_thr, "pixel": pixel_thr, "image_f1": image_f1, "pixel_f1": pixel_f1,
+                      "method": "f1-max on the test split"}
+    else:
+        result["note"] = "no defect images with masks in the test split: metrics skipped"
+        thresholds = fpr_thresholds(out.scores, out.maps, fpr)
+    result["thresholds"] = thresholds
     atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(run_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
+    if report:
+        from destseg.report import write_report
+
+        write_report(run_dir / "report.html", result, out, index.test, dataset.size)
     result["_outputs"] = out
     return result
 
 
 def metrics_table(result: dict) -> str:
+    if "i_auroc" not in result:
+        return result.get("note", "no metrics")
     rows = {result.get("model", "model"): {k: result[k] for k in METRIC_NAMES}}
     if "dest_i_auroc" in result:
         rows["  dest map"] = {k: result[f"dest_{k}"] for k in METRIC_NAMES}

@@ -111,6 +111,51 @@ def default_workers(device: torch.device) -> int:
     return min(8, cpus)
 
 
+# ------------------------------------------------------------------------------------------ distributed
+
+@dataclass
+class Dist:
+    """Process group facts. Under torchrun (WORLD_SIZE > 1) training is data-parallel: --batch-size is the
+    GLOBAL batch, each process takes batch_size / world_size samples of every step's batch."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size())
+
+
+def _all_reduce(values: list[float], d: Dist) -> list[float]:
+    if not d.active:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 # ----------------------------------------------------------------------------------------- run config
 
 @dataclass
@@ -216,7 +261,10 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     saved step. Returns the checkpoint path. Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM.
     """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume, overwrite)
+    dist_info = init_distributed((options or TrainOptions()).device)
+    if dist_info.main:
+        check_run_dir(run_dir, resume, overwrite)
+    _barrier(dist_info)
     ckpt_path = run_dir / "checkpoint.pt"
     ckpt = None
     if resume:
@@ -238,15 +286,21 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         raise DestsegError(f"{index.name}: the training folder has no images")
 
     device = resolve_device(options.device)
+    if dist_info.active and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    if config.batch_size % dist_info.world_size:
+        raise DestsegError(f"--batch-size {config.batch_size} (global) is not divisible by the "
+                           f"{dist_info.world_size} processes")
     dtype = autocast_dtype(device, options.precision)
     torch.manual_seed(options.seed)  # weight initialisation
     model = build_model(model_name, config, teacher_weights=options.teacher_weights, pretrained=ckpt is None)
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
     model = prepare_model(model, device, dtype)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_run_config(run_dir, model_name, config, data, options)
+    if dist_info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_run_config(run_dir, model_name, config, data, options)
 
     spec = backbone_spec(config.teacher)
     val_share = getattr(config, "val_split", 0.0)
@@ -265,13 +319,25 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     total_steps = sum(s.steps for s in stages)
     step = ckpt["step"] if ckpt else 0
     best = ckpt.get("best") if ckpt else None
-    log_file = open(run_dir / "train.log", "a")
+    log_file = open(run_dir / "train.log", "a") if dist_info.main else open(os.devnull, "w")
     bar = tqdm(total=total_steps, initial=step, desc=f"train {model_name}", unit="step", dynamic_ncols=True,
-               disable=not options.progress, file=sys.stderr)
+               disable=not options.progress or not dist_info.main, file=sys.stderr)
     t_start = time.time() - (ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
 
+    wrapped: dict[str, torch.nn.Module] = {}  # attribute name -> DDP wrapper, during a stage
+
+    def model_state():
+        for name, ddp in wrapped.items():  # state under the plain names
+            setattr(model, name, ddp.module)
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        for name, ddp in wrapped.items():
+            setattr(model, name, ddp)
+        return state
+
     def checkpoint(stage_name, optimizer, finished=False):
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if not dist_info.main:
+            return
+        state = model_state()
         save_checkpoint(ckpt_path, {
             "model": model_name, "config": dataclasses.asdict(config), "teacher": config.teacher,
             "step": step, "stage": stage_name, "finished": finished, "seed": options.seed,
@@ -295,7 +361,16 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                 if ckpt is not None and ckpt.get("stage") == stage.name and ckpt.get("optimizer_state"):
                     optimizer.load_state_dict(ckpt["optimizer_state"])
                 sampler = StepSampler(len(train_ds), config.batch_size, options.seed, stage.steps,
-                                      start_step=local_start, stream=stage_index)
+                                      start_step=local_start, stream=stage_index, rank=dist_info.rank,
+                                      world_size=dist_info.world_size)
+                loss_scale = dist_info.world_size if stage.extra.get("batch_sum") else 1
+                if dist_info.active:  # wrap the stage's trainable children (BatchNorm statistics stay local)
+                    from torch.nn.parallel import DistributedDataParallel as DDP
+
+                    for name, child in list(model.named_children()):
+                        if any(child is m for m in stage.train_modules):
+                            wrapped[name] = DDP(child, device_ids=[device.index] if device.type == "cuda" else None)
+                            setattr(model, name, wrapped[name])
                 loader = torch.utils.data.DataLoader(
                     train_ds, batch_sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
                     persistent_workers=False, pin_memory=device.type == "cuda")
@@ -310,10 +385,13 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                     with autocast(device, dtype):
                         loss = model.training_loss(stage.name, batch)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * loss_scale).backward()
                     optimizer.step()
                     step += 1
-                    value = float(loss.detach())
+                    value, stop_votes = float(loss.detach()), float(stop.signum is not None)
+                    if dist_info.active:  # the global loss, and stop together when any rank was signalled
+                        total, stop_votes = _all_reduce([value, stop_votes], dist_info)
+                        value = total if stage.extra.get("batch_sum") else total / dist_info.world_size
                     if not math.isfinite(value):
                         raise DestsegError(f"loss became {value} at step {step} ({stage.name}); "
                                            "try a lower learning rate or --precision fp32")
@@ -330,15 +408,17 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                         for m in stage.train_modules:
                             m.train()
                         if best is None or value < best["value"]:
-                            best = {"value": value, "step": step,
-                                    "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-                    if stop.signum is not None:
+                            best = {"value": value, "step": step, "model_state": model_state()}
+                    if stop_votes:
                         checkpoint(stage.name, optimizer)
                         raise TrainingInterrupted(
-                            f"training stopped by signal {stop.signum} at step {step}/{total_steps}; "
+                            f"training stopped by signal {stop.signum or 'on another rank'} at step {step}/{total_steps}; "
                             f"checkpoint saved, continue with: destseg train --out {run_dir} --resume")
                     if step % options.checkpoint_every == 0:
                         checkpoint(stage.name, optimizer)
+                for name, ddp in wrapped.items():
+                    setattr(model, name, ddp.module)
+                wrapped.clear()
                 offset += stage.steps
                 checkpoint(stage.name, optimizer)
             if best is not None:  # STFPM: keep the weights with the lowest validation anomaly map
@@ -348,7 +428,15 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     finally:
         bar.close()
         log_file.close()
+    _barrier(dist_info)
     return ckpt_path
+
+
+def _barrier(d: Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def load_model(run_dir: Path | str, device: str = "cpu", fold_bn: bool = True):

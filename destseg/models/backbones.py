@@ -65,6 +65,7 @@ def kaiming_init(module: nn.Module) -> None:
 
 class ResNet18(nn.Module):
     channels = (64, 128, 256)
+    features_only = False
 
     def __init__(self, num_classes: int = 1000, zero_init_residual: bool = False):
         super().__init__()
@@ -93,12 +94,16 @@ class ResNet18(nn.Module):
         return [x1, x2, self.layer3(x2)]
 
     def forward(self, x):
+        if self.features_only:
+            return self.features(x)
         x = self.layer4(self.features(x)[-1])
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def drop_head(self) -> None:
-        """Remove what ``features`` never uses (smaller checkpoints, no dead parameters)."""
+        """Remove what ``features`` never uses; ``forward`` then returns the features (so that wrappers
+        such as DDP see the call)."""
         del self.layer4, self.avgpool, self.fc
+        self.features_only = True
 
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
@@ -201,6 +206,7 @@ LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 
 
 class EfficientNetLite0(nn.Module):
     channels = (24, 40, 112)
+    features_only = False
     feature_blocks = (2, 4, 10)  # last block index of the stride-4, -8 and -16 stages
 
     def __init__(self, num_classes: int = 1000):
@@ -228,6 +234,8 @@ class EfficientNetLite0(nn.Module):
         return feats
 
     def forward(self, x):
+        if self.features_only:
+            return self.features(x)
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
@@ -238,6 +246,7 @@ class EfficientNetLite0(nn.Module):
         """Remove what ``features`` never uses (smaller checkpoints, no dead parameters)."""
         self._blocks = self._blocks[: self.feature_blocks[-1] + 1]
         del self._conv_head, self._bn1, self._fc
+        self.features_only = True
 
 
 def load_lite0_weights(path: str | Path | None = None) -> dict:
@@ -313,4 +322,4 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def forward(self, x) -> list[torch.Tensor]:
-        return self.net.features(x)
+        return self.net(x)

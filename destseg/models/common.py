@@ -177,8 +177,11 @@ class SegmentationGuidedModel(nn.Module):
     # -- schedule
     def stages(self, n_train: int) -> list[Stage]:
         c = self.config
+        # The cosine loss sums over the batch: under DDP the trainer scales it by the world size so that
+        # the averaged gradient equals the single-process one (extra["batch_sum"]).
         stages = [Stage("student", c.student_steps, [{"params": list(self.student_module().parameters()),
-                                                      "lr": c.lr_student}], [self.student_module()])]
+                                                      "lr": c.lr_student}], [self.student_module()],
+                        extra={"batch_sum": True})]
         if self.segmentation is not None and c.steps > c.student_steps:
             stages.append(Stage("segmentation", c.steps - c.student_steps, [
                 {"params": list(self.segmentation.res.parameters()), "lr": c.lr_res},

@@ -67,7 +67,7 @@ class DeSTSeg(SegmentationGuidedModel):
 
     def student_features(self, x, teacher_feats=None):
         if self.config.student_arch == "identical":
-            return self.student.features(x)
+            return self.student(x)
         # The decoder's output sizes are the teacher's: strides 4, 8, 16 of the input.
         h, w = x.shape[-2:]
         sizes = [(-(-h // s), -(-w // s)) for s in (4, 8, 16)]

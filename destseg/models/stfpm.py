@@ -53,10 +53,10 @@ class STFPM(nn.Module):
         image = batch["image"]
         with torch.no_grad():
             t = self.teacher(image)
-        return sum(d.mean() for d in feature_distances(t, self.student.features(image)))
+        return sum(d.mean() for d in feature_distances(t, self.student(image)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        d = feature_distances(self.teacher(x), self.student.features(x))
+        d = feature_distances(self.teacher(x), self.student(x))
         size64 = d[0].shape[-2:]
         product = torch.stack([resize(dk[:, None], size64)[:, 0] for dk in d], dim=1).prod(dim=1)
         anomaly_map = resize(product[:, None], x.shape[-2:])[:, 0].float()

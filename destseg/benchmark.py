@@ -1,0 +1,174 @@
+"""``destseg benchmark``: train and test every (category, model, seed), resumable, and write
+OUT/results.json and OUT/results.md beside the published numbers.
+
+Each run lives in OUT/<category>-<model>-s<seed>/ and is trained and tested in a child process (so that
+its peak memory is its own, and a crash in one run does not end the others). Re-running the command skips
+finished runs and resumes interrupted ones. With several visible GPUs, runs are spread over them, one
+process per GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from destseg import __version__
+from destseg.checkpoint import atomic_write_text
+from destseg.errors import DestsegError
+
+MVTEC_CATEGORIES = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper"]
+
+# Published MVTec AD means (SPEC): not per category, shown for reference beside ours.
+PUBLISHED = {
+    "destseg": {"source": "DeSTSeg paper, ResNet18, MVTec mean", "i_auroc": 0.986, "p_auroc": 0.979,
+                "p_ap": 0.758, "iap": 0.764},
+    "stfpm": {"source": "STFPM official code, ResNet18, MVTec mean", "i_auroc": 0.955, "p_auroc": 0.970},
+    "tesd": {"source": "PFADSeg abstract (a different model), MVTec mean", "i_auroc": 0.989, "p_ap": 0.764,
+             "iap": 0.787},
+}
+METRICS = ("i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90")
+
+
+@dataclass
+class Job:
+    category: str
+    model: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.category}-{self.model}-s{self.seed}"
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def _run_child(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float]:
+    """Run ``cmd``, appending its output to ``log_path``; (exit code, peak RSS in MiB)."""
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
+
+
+def run_job(job: Job, args, out: Path, env: dict) -> dict:
+    run = out / job.name
+    bench_file = run / "bench.json"
+    info = json.loads(bench_file.read_text()) if bench_file.is_file() else {}
+    py = [sys.executable, "-m", "destseg"]
+    if not info.get("trained"):
+        cmd = py + ["train", "--data", args.data, "--category", job.category, "--model", job.model,
+                    "--out", str(run), "--schedule", args.schedule, "--seed", str(job.seed), "--no-progress",
+                    "--device", args.device]
+        if (run / "checkpoint.pt").is_file():
+            cmd = py + ["train", "--out", str(run), "--resume", "--no-progress"]
+        else:
+            cmd += ["--teacher", args.teacher] + (["--texture-dir", args.texture_dir] if args.texture_dir else [])
+            if run.exists():
+                cmd.append("--overwrite")
+        code, peak = _run_child(cmd, out / f"{job.name}.log", env)
+        if code != 0:
+            raise DestsegError(f"{job.name}: training failed with exit code {code}; see {out / (job.name + '.log')}")
+        info.update(trained=True, train_peak_mib=max(peak, info.get("train_peak_mib", 0)))
+        atomic_write_text(bench_file, json.dumps(info, indent=2))
+    if not (run / "metrics.json").is_file() or not info.get("tested"):
+        code, peak = _run_child(py + ["test", "--run", str(run), "--json", "--no-progress", "--device", args.device],
+                                out / f"{job.name}.log", env)
+        if code != 0:
+            raise DestsegError(f"{job.name}: test failed with exit code {code}; see {out / (job.name + '.log')}")
+        info.update(tested=True, test_peak_mib=peak)
+        atomic_write_text(bench_file, json.dumps(info, indent=2))
+    from destseg.checkpoint import load_checkpoint
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    return {"run": job.name, "category": job.category, "model": job.model, "seed": job.seed,
+            **{k: metrics[k] for k in METRICS}, "train_minutes": ckpt.get("elapsed_s", 0) / 60,
+            "inference_images_per_s": metrics["images_per_s"], "train_peak_mib": info.get("train_peak_mib"),
+            "teacher": ckpt["teacher"], "steps": ckpt["step"], "precision": metrics["precision"]}
+
+
+def results_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Benchmark results ({meta['schedule']} schedule)", "",
+             f"destseg {meta['library_version']}, {meta['hardware']}, torch {meta['torch']}.", "",
+             "| run | teacher | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min | infer img/s | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['teacher']} | " + " | ".join(f"{100 * r[k]:.1f}" for k in METRICS)
+                     + f" | {r['train_minutes']:.1f} | {r['inference_images_per_s']:.1f} | "
+                     + f"{r['train_peak_mib'] or 0:.0f} |")
+    lines += ["", "Published (MVTec AD means over 15 categories, ResNet18 teacher, paper schedules):", "",
+              "| model | source | I-AUROC | P-AUROC | P-AP | IAP |", "|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in rows}):
+        p = PUBLISHED.get(model)
+        if p:
+            vals = " | ".join(f"{100 * p[k]:.1f}" if k in p else "-" for k in ("i_auroc", "p_auroc", "p_ap", "iap"))
+            lines.append(f"| {model} | {p['source']} | {vals} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(args) -> int:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cats = MVTEC_CATEGORIES if args.categories == "all" else [c.strip() for c in args.categories.split(",")]
+    missing = [c for c in cats if not (Path(args.data) / c).is_dir()]
+    if missing:
+        raise DestsegError(f"{args.data}: categories not found: {', '.join(missing)}")
+    models = [m.strip() for m in args.models.split(",")]
+    from destseg.cli import resolve_schedule
+    from destseg.models import MODELS
+
+    resolve_schedule(args.schedule)  # fail now, not in the first child
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise DestsegError(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})")
+    jobs = [Job(c, m, s) for c in cats for m in models for s in range(args.seeds)]
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    rows: list[dict] = []
+    t0 = time.time()
+    bar = tqdm(total=len(jobs), desc="benchmark", unit="run", dynamic_ncols=True, disable=args.no_progress)
+
+    def env_for(slot: int | None) -> dict:
+        env = dict(os.environ)
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        return env
+
+    if gpus > 1:  # one run per GPU at a time
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(gpus) as pool:
+            futures = [pool.submit(run_job, job, args, out, env_for(i % gpus)) for i, job in enumerate(jobs)]
+            for f in futures:
+                rows.append(f.result())
+                bar.update(1)
+    else:
+        for job in jobs:
+            bar.set_postfix_str(job.name)
+            rows.append(run_job(job, args, out, env_for(None)))
+            bar.update(1)
+    bar.close()
+    meta = {"library_version": __version__, "hardware": hardware(), "torch": torch.__version__,
+            "schedule": args.schedule, "data": args.data, "elapsed_minutes": (time.time() - t0) / 60}
+    atomic_write_text(out / "results.json", json.dumps({"meta": meta, "runs": rows,
+                                                        "published": PUBLISHED}, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(rows, meta))
+    print(results_markdown(rows, meta))
+    return 0

@@ -1,0 +1,42 @@
+"""ONNX export: one graph from a normalised image batch (N, 3, S, S) to (anomaly map (N, S, S), score (N,)).
+
+Batch norms are folded first; the batch axis is dynamic, the image size is the run's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from destseg.checkpoint import atomic_write
+from destseg.train import load_model
+
+
+class MapAndScore(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        out = self.model(images)
+        return out["map"], out["score"]
+
+
+def export_onnx(run_dir: Path | str, out_path: Path | str, opset: int = 17) -> Path:
+    model, ckpt = load_model(run_dir, "cpu")
+    size = ckpt["config"]["image_size"]
+    wrapper = MapAndScore(model).eval()
+    example = torch.zeros(2, 3, size, size)
+
+    def write(f):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shape arithmetic (sizes are fixed here)
+            torch.onnx.export(wrapper, (example,), f, input_names=["images"], output_names=["anomaly_map", "score"],
+                              dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+
+    atomic_write(out_path, write)
+    return Path(out_path)

@@ -1,0 +1,129 @@
+"""``destseg predict``: score every image under a path, stream results to disk.
+
+For each image: score, OK/defect decision, heat-map overlay PNG and binary mask PNG; one CSV and one JSON
+with all results (written as they come, renamed into place at the end). Unreadable files are skipped and
+listed with the reason. Memory stays bounded: paths are walked lazily and images are held one batch at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from destseg.data.images import IMAGE_EXTENSIONS, is_image_file, read_rgb, resize_rgb
+from destseg.errors import DestsegError, ImageError
+from destseg.infer import Detector
+from destseg.visualize import overlay
+
+
+def iter_inputs(spec: str) -> tuple[Path, Iterator[Path]]:
+    """(base folder for relative names, lazy iterator of files) for an image, a folder or a glob."""
+    path = Path(spec)
+    if path.is_file():
+        return path.parent, iter([path])
+    if path.is_dir():
+        def walk():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    p = Path(dirpath) / name
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                        yield p
+        return path, walk()
+    if any(ch in spec for ch in "*?["):
+        base = Path(spec.split("*")[0].split("?")[0].split("[")[0] or ".")
+        base = base if base.is_dir() else base.parent
+        return base, (Path(p) for p in sorted(glob.iglob(spec, recursive=True)) if is_image_file(Path(p)))
+    raise DestsegError(f"{spec}: no such image, folder or glob match")
+
+
+def _count(spec: str) -> int | None:
+    path = Path(spec)
+    if path.is_dir():
+        return sum(1 for _ in iter_inputs(spec)[1])
+    return None
+
+
+def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | None = None,
+                pixel_threshold: float | None = None, batch_size: int = 16, device: str = "auto",
+                precision: str = "auto", overwrite: bool = False, progress: bool = True) -> int:
+    det = Detector.load(run_dir, device=device, precision=precision)
+    thresholds = det.thresholds or {}
+    image_thr = threshold if threshold is not None else thresholds.get("image")
+    pixel_thr = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel", image_thr)
+    if image_thr is None:
+        raise DestsegError(f"{run_dir}: no stored threshold (run `destseg test` first) and no --threshold given")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DestsegError(f"{out}: output folder exists and is not empty; pass --overwrite")
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    base, paths = iter_inputs(input_spec)
+    size = det.config["image_size"]
+    # Colour scale of the overlays: fixed per run, so that images are comparable (0 .. 2x the pixel threshold).
+    vmax = 2 * pixel_thr if pixel_thr > 0 else 1.0
+    csv_tmp, json_tmp = out / ".results.csv.tmp", out / ".results.json.tmp"
+    skipped: list[dict] = []
+    n_done = n_defect = 0
+    bar = tqdm(total=_count(input_spec), desc="predict", unit="img", disable=not progress)
+    with open(csv_tmp, "w", newline="") as fcsv, open(json_tmp, "w") as fjson:
+        writer = csv.writer(fcsv)
+        writer.writerow(["file", "score", "decision", "overlay", "mask"])
+        fjson.write('{"results": [\n')
+        first = True
+
+        def flush(batch):
+            nonlocal first, n_done, n_defect
+            preds = det.predict_batch([img for _, img in batch], threshold=image_thr)
+            for (path, img), pred in zip(batch, preds):
+                rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
+                stem = rel.with_suffix("")
+                over_path = out / "overlays" / f"{stem}.png"
+                mask_path = out / "masks" / f"{stem}.png"
+                over_path.parent.mkdir(parents=True, exist_ok=True)
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(overlay(resize_rgb(img, size), pred.map, 0.0, vmax)).save(over_path)
+                Image.fromarray((pred.map >= pixel_thr).astype(np.uint8) * 255).save(mask_path)
+                decision = "defect" if pred.is_defect else "ok"
+                n_defect += pred.is_defect
+                row = {"file": str(path), "score": pred.score, "decision": decision,
+                       "overlay": str(over_path.relative_to(out)), "mask": str(mask_path.relative_to(out))}
+                writer.writerow(row.values())
+                fjson.write(("" if first else ",\n") + json.dumps(row))
+                first = False
+                n_done += 1
+            bar.update(len(batch))
+
+        batch = []
+        for path in paths:
+            try:
+                batch.append((path, read_rgb(path)))
+            except ImageError as exc:
+                skipped.append({"file": str(path), "reason": str(exc)})
+                bar.update(1)
+                continue
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+        fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": {json.dumps(pixel_thr)},\n'
+                    + f'"skipped": {json.dumps(skipped, indent=1)}}}\n')
+    bar.close()
+    os.replace(csv_tmp, out / "results.csv")
+    os.replace(json_tmp, out / "results.json")
+    print(f"{n_done} images: {n_defect} defect, {n_done - n_defect} ok; results in {out}")
+    if skipped:
+        print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s['reason']}", file=sys.stderr)
+        return 1
+    return 0

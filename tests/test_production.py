@@ -1,0 +1,151 @@
+"""predict, thresholds, report, ONNX export, benchmark command: on a tiny run."""
+
+import csv
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import struct
+import zlib
+from PIL import Image
+
+from destseg.cli import main
+from destseg.data import scan_mvtec
+from destseg.infer import Detector, evaluate_run
+from destseg.models import model_config
+from destseg.train import DataSource, TrainOptions, train
+
+from conftest import make_mvtec
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = make_mvtec(tmp_path_factory.mktemp("data"))
+    run = tmp_path_factory.mktemp("runs") / "run"
+    cfg = model_config("destseg", teacher="efficientnet_lite0", image_size=64, batch_size=4, steps=4, student_steps=2)
+    train(run, "destseg", cfg, DataSource(str(root), "widget"), options=TrainOptions(progress=False))
+    evaluate_run(run, progress=False, report=True)
+    return run, root
+
+
+def test_thresholds_and_report(tiny_run):
+    run, _ = tiny_run
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["method"].startswith("f1-max") and {"image", "pixel"} <= set(thr)
+    page = (run / "report.html").read_text()
+
+    class Collect(HTMLParser):
+        tags: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+
+    c = Collect()
+    c.feed(page)
+    names = [t for t, _ in c.tags]
+    assert names.count("svg") == 3 and "table" in names  # ROC, PR, histogram; metric table
+    assert sum(1 for t, a in c.tags if t == "img" and a["src"].startswith("data:image/png;base64,")) >= 2
+    assert "Worst false positives" in page and "Worst false negatives" in page
+
+
+def test_fpr_thresholds_without_defects(tmp_path):
+    root = make_mvtec(tmp_path / "d", n_defect=0)
+    import shutil
+    shutil.rmtree(root / "widget" / "test" / "spot")
+    run = tmp_path / "run"
+    cfg = model_config("destseg", teacher="efficientnet_lite0", image_size=64, batch_size=2, steps=2, student_steps=1)
+    train(run, "destseg", cfg, DataSource(str(root), "widget"), options=TrainOptions(progress=False))
+    result = evaluate_run(run, progress=False, fpr=0.5)
+    assert "metrics skipped" in result["note"]
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["image"] == pytest.approx(np.quantile(result["_outputs"].scores, 0.5))
+
+
+def test_predict_folder_with_bad_files(tiny_run, tmp_path, capsys):
+    run, root = tiny_run
+    inp = tmp_path / "in"
+    (inp / "sub").mkdir(parents=True)
+    good = sorted((root / "widget" / "test").rglob("*.png"))
+    for i, p in enumerate(good):
+        (inp / "sub" / f"{i}.png").write_bytes(p.read_bytes())
+    (inp / "empty.png").write_bytes(b"")
+    (inp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    (inp / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)))
+    out = tmp_path / "out"
+    code = main(["predict", "--run", str(run), "--input", str(inp), "--out", str(out), "--batch-size", "3",
+                 "--no-progress"])
+    assert code == 1  # some files were skipped
+    err = capsys.readouterr().err
+    assert "empty.png" in err and "broken.jpg" in err and "huge.png" in err
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["results"]) == len(good) and len(result["skipped"]) == 3
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(good) and {r["decision"] for r in rows} <= {"ok", "defect"}
+    for r in rows:
+        assert Image.open(out / r["overlay"]).size == (64, 64)
+        assert set(np.unique(np.asarray(Image.open(out / r["mask"])))) <= {0, 255}
+    # A second run into the same folder is refused without --overwrite.
+    assert main(["predict", "--run", str(run), "--input", str(inp), "--out", str(out), "--no-progress"]) == 2
+
+
+def test_predict_glob_and_threshold_override(tiny_run, tmp_path):
+    run, root = tiny_run
+    out = tmp_path / "out"
+    pattern = str(root / "widget" / "test" / "*" / "*.png")
+    assert main(["predict", "--run", str(run), "--input", pattern, "--out", str(out), "--threshold", "-1",
+                 "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert all(r["decision"] == "defect" for r in result["results"]) and len(result["results"]) == 4
+
+
+def test_python_api_array_and_pil(tiny_run):
+    run, root = tiny_run
+    import destseg
+    det = destseg.load_detector(run, precision="fp32")
+    img = Image.open(scan_mvtec(root, "widget").test[0].path)
+    a = det.predict(img)
+    b = det.predict(np.asarray(img))
+    assert a.map.shape == (64, 64) and a.score == pytest.approx(b.score)
+    assert isinstance(a.is_defect, bool)
+
+
+def test_onnx_export_matches_pytorch(tiny_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    run, root = tiny_run
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(path)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(path)]) == 2  # no silent overwrite
+    det = Detector.load(run, precision="fp32")
+    imgs = [Image.open(s.path).convert("RGB") for s in scan_mvtec(root, "widget").test[:3]]
+    x = det.preprocess(imgs)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run(None, {"images": x.contiguous().numpy()})
+    preds = det.predict_batch(imgs)
+    torch_map = np.stack([p.map for p in preds])
+    assert onnx_map.shape == (3, 64, 64)
+    assert np.abs(onnx_map - torch_map).max() < 1e-4
+    assert np.allclose(onnx_score, [p.score for p in preds], atol=1e-4)
+
+
+def test_benchmark_command_tiny(tmp_path):
+    root = make_mvtec(tmp_path / "data")
+    schedule = tmp_path / "tiny.json"
+    schedule.write_text(json.dumps({"destseg": {"image_size": 64, "batch_size": 2, "steps": 2, "student_steps": 1},
+                                    "stfpm": {"image_size": 64, "batch_size": 2, "epochs": 1}}))
+    out = tmp_path / "bench"
+    args = ["benchmark", "--data", str(root), "--categories", "widget", "--models", "destseg,stfpm",
+            "--schedule", str(schedule), "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in res["runs"]] == ["widget-destseg-s0", "widget-stfpm-s0"]
+    assert all(0 <= r["i_auroc"] <= 1 and r["train_peak_mib"] > 0 for r in res["runs"])
+    md = (out / "results.md").read_text()
+    assert "widget-stfpm-s0" in md and "Published" in md
+    # Re-running skips finished runs (no retraining: checkpoints untouched).
+    mtime = (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime
+    assert main(args) == 0
+    assert (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime == mtime
