@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m destseg demo --out runs/demo
+	$(BIN)/python -m destseg demo --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

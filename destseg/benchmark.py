@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from destseg import __version__
@@ -36,6 +37,7 @@ PUBLISHED = {
              "iap": 0.787},
 }
 METRICS = ("i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90")
+METRIC_LABELS = ("I-AUROC", "P-AUROC", "P-AP", "PRO", "IAP", "IAP@90")
 
 
 @dataclass
@@ -112,6 +114,19 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['run']} | {r['teacher']} | " + " | ".join(f"{100 * r[k]:.1f}" for k in METRICS)
                      + f" | {r['train_minutes']:.1f} | {r['inference_images_per_s']:.1f} | "
                      + f"{r['train_peak_mib'] or 0:.0f} |")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["category"], r["model"]), []).append(r)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if multi:
+        lines += ["", "Mean and standard deviation over seeds:", "",
+                  "| category | model | seeds | " + " | ".join(METRIC_LABELS) + " |", "|---|---|---|" + "---|" * 6]
+        for (cat, model), rs in multi.items():
+            cells = []
+            for k in METRICS:
+                v = 100 * np.array([r[k] for r in rs])
+                cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}")
+            lines.append(f"| {cat} | {model} | {len(rs)} | " + " | ".join(cells) + " |")
     lines += ["", "Published (MVTec AD means over 15 categories, ResNet18 teacher, paper schedules):", "",
               "| model | source | I-AUROC | P-AUROC | P-AP | IAP |", "|---|---|---|---|---|---|"]
     for model in sorted({r["model"] for r in rows}):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from destseg.data.images import (
-    image_size, is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
+    is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
 )
 from destseg.data.synthesis import AnomalySynthesizer
 from destseg.errors import DatasetError, ImageError

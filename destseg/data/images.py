@@ -94,19 +94,6 @@ def read_rgb(path: Path | str) -> Image.Image:
     return to_rgb(_open(Path(path)), path)
 
 
-def image_size(path: Path | str) -> tuple[int, int]:
-    """(width, height) read from the header only."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (or an unsupported format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: corrupt image header ({exc})") from None
-
-
 def read_mask(path: Path | str) -> np.ndarray:
     """Binary mask (H, W) bool at the file's own resolution: any non-zero value is a defect."""
     img = _open(Path(path))
