@@ -113,7 +113,7 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         lines.append(f"| {r['run']} | {r['teacher']} | " + " | ".join(f"{100 * r[k]:.1f}" for k in METRICS)
                      + f" | {r['train_minutes']:.1f} | {r['inference_images_per_s']:.1f} | "
-                     + f"{r['train_peak_mib'] or 0:.0f} |")
+                     + (f"{r['train_peak_mib']:.0f} |" if r["train_peak_mib"] else "- |"))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["category"], r["model"]), []).append(r)
@@ -166,13 +166,24 @@ def run_benchmark(args) -> int:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
         return env
 
-    if gpus > 1:  # one run per GPU at a time
+    if gpus > 1:  # one run per GPU at a time: each job takes a free GPU from the queue and gives it back
+        import queue
         from concurrent.futures import ThreadPoolExecutor
 
+        free = queue.Queue()
+        for gpu in range(gpus):
+            free.put(gpu)
+
+        def on_free_gpu(job):
+            gpu = free.get()
+            try:
+                return run_job(job, args, out, env_for(gpu))
+            finally:
+                free.put(gpu)
+
         with ThreadPoolExecutor(gpus) as pool:
-            futures = [pool.submit(run_job, job, args, out, env_for(i % gpus)) for i, job in enumerate(jobs)]
-            for f in futures:
-                rows.append(f.result())
+            for row in pool.map(on_free_gpu, jobs):
+                rows.append(row)
                 bar.update(1)
     else:
         for job in jobs:
