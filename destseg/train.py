@@ -383,9 +383,9 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                     (loss * loss_scale).backward()
                     optimizer.step()
                     step += 1
-                    value, stop_votes = float(loss.detach()), float(stop.signum is not None)
-                    if dist_info.active:  # the global loss, and stop together when any rank was signalled
-                        total, stop_votes = _all_reduce([value, stop_votes], dist_info)
+                    value = float(loss.detach())
+                    if dist_info.active:  # log the global loss
+                        total = _all_reduce([value], dist_info)[0]
                         value = total if stage.extra.get("batch_sum") else total / dist_info.world_size
                     if not math.isfinite(value):
                         raise DestsegError(f"loss became {value} at step {step} ({stage.name}); "
@@ -404,7 +404,10 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                             m.train()
                         if best is None or value < best["value"]:
                             best = {"value": value, "step": step, "model_state": model_state()}
-                    if stop_votes:
+                    stop_now = stop.signum is not None
+                    if dist_info.active:  # all ranks stop at the same step when any was signalled
+                        stop_now = _all_reduce([float(stop_now)], dist_info)[0] > 0
+                    if stop_now:
                         checkpoint(stage.name, optimizer)
                         raise TrainingInterrupted(
                             f"training stopped by signal {stop.signum or 'on another rank'} at step {step}/{total_steps}; "
