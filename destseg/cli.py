@@ -78,11 +78,12 @@ def cmd_train(args) -> int:
             "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
             "batch_size": args.batch_size, "epochs": args.epochs, "image_size": args.image_size}.items()
             if v is not None})
-        for flag in ("no_denoising", "identical_student", "no_segmentation"):
-            if getattr(args, flag):
-                field = {"no_denoising": ("denoising", False), "identical_student": ("student_arch", "identical"),
-                         "no_segmentation": ("segmentation", False)}[flag]
-                overrides[field[0]] = field[1]
+        if args.no_denoising:
+            overrides["denoising"] = False
+        if args.identical_student:
+            overrides["student_arch"] = "identical"
+        if args.no_segmentation:
+            overrides["segmentation"] = False
         config = model_config(args.model, **overrides)
         data = DataSource(args.data, args.category, args.layout)
     try:
