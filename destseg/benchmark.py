@@ -68,11 +68,19 @@ def _run_child(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float]:
     return proc.returncode, usage.ru_maxrss / 1024
 
 
+def _finished(path: Path) -> bool:
+    from destseg.checkpoint import load_checkpoint
+
+    return path.is_file() and bool(load_checkpoint(path).get("finished"))
+
+
 def run_job(job: Job, args, out: Path, env: dict) -> dict:
     run = out / job.name
     bench_file = run / "bench.json"
     info = json.loads(bench_file.read_text()) if bench_file.is_file() else {}
     py = [sys.executable, "-m", "destseg"]
+    if not info.get("trained") and _finished(run / "checkpoint.pt"):  # trained, but not recorded here
+        info["trained"] = True
     if not info.get("trained"):
         cmd = py + ["train", "--data", args.data, "--category", job.category, "--model", job.model,
                     "--out", str(run), "--schedule", args.schedule, "--seed", str(job.seed), "--no-progress",
