@@ -56,10 +56,15 @@ def auroc(scores: np.ndarray, targets: np.ndarray, order: np.ndarray | None = No
     if n_pos == 0 or n_neg == 0:
         raise MetricError("AUROC needs both positive and negative samples "
                           f"(got {n_pos} positive, {n_neg} negative)")
-    tps, fps, _ = _curve_counts(scores, targets, order)
-    tpr = np.r_[0, tps] / n_pos
-    fpr = np.r_[0, fps] / n_neg
+    fpr, tpr = roc_curve(scores, targets, order)
     return float(np.trapezoid(tpr, fpr))
+
+
+def roc_curve(scores: np.ndarray, targets: np.ndarray, order: np.ndarray | None = None):
+    """(fpr, tpr) from (0, 0) through each distinct threshold, thresholds descending."""
+    targets = _binary("targets", targets)
+    tps, fps, _ = _curve_counts(scores, targets, order)
+    return np.r_[0, fps] / (targets.size - targets.sum()), np.r_[0, tps] / targets.sum()
 
 
 def precision_recall(scores: np.ndarray, targets: np.ndarray, order: np.ndarray | None = None):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from destseg.checkpoint import atomic_write_text
 from destseg.data.images import read_rgb, resize_rgb
-from destseg.metrics import METRIC_NAMES, _curve_counts
+from destseg.metrics import METRIC_NAMES, precision_recall, roc_curve
 from destseg.visualize import overlay
 
 W, H, PAD = 320, 240, 36
@@ -77,9 +77,8 @@ def write_report(path: Path, result: dict, outputs, samples, size: int, n_worst:
 
         rows = row("anomaly map", "") + (row("DeST map", "dest_") if "dest_i_auroc" in result else "")
         parts.append(f'<table id="metrics"><tr><th></th>{head}</tr>{rows}</table>')
-        tps, fps, _ = _curve_counts(scores, labels)
-        tpr, fpr = np.r_[0, tps] / labels.sum(), np.r_[0, fps] / (~labels).sum()
-        prec, rec = tps / (tps + fps), tps / labels.sum()
+        fpr, tpr = roc_curve(scores, labels)
+        prec, rec, _ = precision_recall(scores, labels)
         parts.append('<div class="charts">' + _svg_curve(fpr, tpr, "Image ROC", "false-positive rate", "true-positive rate")
                      + _svg_curve(rec, prec, "Image precision-recall", "recall", "precision")
                      + _svg_histogram(scores[~labels], scores[labels], thr) + "</div>")
