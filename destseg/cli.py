@@ -76,7 +76,9 @@ def cmd_train(args) -> int:
         overrides = dict(resolve_schedule(args.schedule).get(args.model, {}))
         overrides.update({k: v for k, v in {
             "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
-            "batch_size": args.batch_size, "epochs": args.epochs, "image_size": args.image_size}.items()
+            "batch_size": args.batch_size, "epochs": args.epochs, "image_size": args.image_size,
+            "lr": args.lr, "weight_decay": args.weight_decay, "batch_reduction": args.batch_reduction,
+            "val_split": args.val_split}.items()
             if v is not None})
         if args.no_denoising:
             overrides["denoising"] = False
@@ -179,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs (stfpm)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (stfpm)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--batch-reduction", choices=["mean", "sum"],
+                   help="stfpm loss over the batch: mean (official code) or 0.5 x sum (anomalib)")
+    p.add_argument("--val-split", type=float, help="stfpm: held-out share of the train images for checkpoint "
+                                                   "selection (0: keep the last weights)")
     p.add_argument("--texture-dir", help="anomaly source images (DTD layout or flat); default: built-in generator")
     p.add_argument("--rotation", choices=["none", "small", "rot90"], help="default: the category's SPEC setting")
     p.add_argument("--no-denoising", action="store_true", help="ablation: student sees clean images")

@@ -32,7 +32,7 @@ from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoi
 from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset, default_rotation, scan_dataset
 from destseg.data.datasets import DatasetIndex, TestDataset, TestSample, seed_worker
 from destseg.errors import DestsegError
-from destseg.models import MODELS, build_model, model_config
+from destseg.models import MODELS, build_model, check_config, has_segmentation_stage, model_config
 from destseg.models.backbones import backbone_spec
 from destseg.models.common import fold_batchnorm
 
@@ -272,7 +272,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         if ckpt.get("finished"):
             raise DestsegError(f"{run_dir}: training already finished; nothing to resume")
     options = options or TrainOptions()
-    config = config or model_config(model_name)
+    config = check_config(config or model_config(model_name))
     if index is None:
         if data is None:
             raise DestsegError("train() needs a data source or a dataset index")
@@ -283,9 +283,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     device = resolve_device(options.device)
     if dist_info.active and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    if config.batch_size % dist_info.world_size:
-        raise DestsegError(f"--batch-size {config.batch_size} (global) is not divisible by the "
-                           f"{dist_info.world_size} processes")
+    check_per_process_batch(config, dist_info.world_size)
     dtype = autocast_dtype(device, options.precision)
     torch.manual_seed(options.seed)  # weight initialisation
     model = build_model(model_name, config, teacher_weights=options.teacher_weights, pretrained=ckpt is None)
@@ -301,7 +299,12 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     val_share = getattr(config, "val_split", 0.0)
     train_paths, val_paths = _split_validation(index.train, val_share, options.seed)
     category = data.category if data else index.name.split("/")[-1]
-    rotation = options.rotation or default_rotation(category)
+    if options.rotation:
+        rotation = options.rotation
+    elif getattr(config, "category_rotation", True):
+        rotation = default_rotation(category)
+    else:
+        rotation = "none"
     stages = model.stages(len(train_paths))
     synth = AnomalySynthesizer(config.image_size, options.texture_dir) if any(s.needs_synthesis for s in stages) else None
     train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
@@ -428,6 +431,21 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         log_file.close()
     _barrier(dist_info)
     return ckpt_path
+
+
+def check_per_process_batch(config, world_size: int) -> None:
+    """--batch-size is global: each process must get a whole, large enough share of it. The segmentation
+    network's global-pool branch normalises one value per channel and image, which BatchNorm refuses for
+    a single image, so segmentation training needs 2 images per process."""
+    bs = config.batch_size
+    if bs % world_size:
+        raise DestsegError(f"--batch-size {bs} (global) is not divisible by the {world_size} processes")
+    minimum = 2 if has_segmentation_stage(config) else 1
+    if bs // world_size < minimum:
+        raise DestsegError(
+            f"--batch-size {bs} leaves {bs // world_size} image per step to each of {world_size} process(es); "
+            f"the segmentation stage needs at least {minimum} per process: use --batch-size {minimum * world_size} "
+            "or more")
 
 
 def _barrier(d: Dist) -> None:

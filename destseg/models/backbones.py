@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,9 +56,16 @@ def make_layer(inplanes: int, planes: int, blocks: int = 2, stride: int = 1) -> 
 
 
 def kaiming_init(module: nn.Module) -> None:
+    """Kaiming normal (fan_out, relu) convolutions, BN gamma 1 and beta 0. A grouped convolution's fan_out
+    is divided by its groups (as timm does): a depthwise 3x3 kernel gets std sqrt(2/9), not sqrt(2/(9C))."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.groups == 1:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+                with torch.no_grad():
+                    m.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -172,24 +180,24 @@ class SameConv2d(nn.Conv2d):
         return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
 
 
-def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+def _bn(c: int, momentum: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=momentum)
 
 
 class MBConv(nn.Module):
     """Inverted residual block of EfficientNet-Lite (ReLU6, no squeeze-excitation)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, bn_momentum: float):
         super().__init__()
         mid = cin * expand
         self.expand = expand != 1
         if self.expand:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = _bn(mid)
+            self._bn0 = _bn(mid, bn_momentum)
         self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
-        self._bn1 = _bn(mid)
+        self._bn1 = _bn(mid, bn_momentum)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = _bn(cout)
+        self._bn2 = _bn(cout, bn_momentum)
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
@@ -204,27 +212,46 @@ LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
 
 
+@contextmanager
+def cpu_fp32(x: torch.Tensor):
+    """Turn CPU autocast off: on this torch build oneDNN has no fast bf16 kernels for Lite0's depthwise and
+    narrow (16-112 channel) convolutions, and the fallback is 4-5x slower than fp32 for a whole forward
+    pass (docs/BENCHMARKS.md). Inputs must then be fp32; outputs are fp32. CUDA autocast is untouched."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            yield
+    else:
+        yield
+
+
 class EfficientNetLite0(nn.Module):
     channels = (24, 40, 112)
     features_only = False
     feature_blocks = (2, 4, 10)  # last block index of the stride-4, -8 and -16 stages
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, num_classes: int = 1000, bn_momentum: float = 0.1):
+        """``bn_momentum``: 0.1 (PyTorch's) for a network trained here; the ImageNet weights were trained
+        with TensorFlow's 0.01, which only matters for their running statistics (frozen in a teacher). With
+        0.01 a student trained from scratch evaluates on statistics ~100 steps stale."""
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
-        self._bn0 = _bn(32)
+        self._bn0 = _bn(32, bn_momentum)
         blocks, cin = [], 32
         for repeats, k, s, e, cout in LITE0_STAGES:
             for r in range(repeats):
-                blocks.append(MBConv(cin, cout, k, s if r == 0 else 1, e))
+                blocks.append(MBConv(cin, cout, k, s if r == 0 else 1, e, bn_momentum))
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
-        self._bn1 = _bn(1280)
+        self._bn1 = _bn(1280, bn_momentum)
         self._fc = nn.Linear(1280, num_classes)
         kaiming_init(self)
 
     def features(self, x) -> list[torch.Tensor]:
+        with cpu_fp32(x):
+            return self._features(x.float() if x.device.type == "cpu" else x)
+
+    def _features(self, x) -> list[torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
         feats = []
         for i, block in enumerate(self._blocks[: self.feature_blocks[-1] + 1]):
@@ -236,11 +263,12 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x):
         if self.features_only:
             return self.features(x)
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        with cpu_fp32(x):
+            x = F.relu6(self._bn0(self._conv_stem(x)))
+            for block in self._blocks:
+                x = block(x)
+            x = F.relu6(self._bn1(self._conv_head(x)))
+            return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def drop_head(self) -> None:
         """Remove what ``features`` never uses (smaller checkpoints, no dead parameters)."""
@@ -295,7 +323,7 @@ def build_backbone(name: str, pretrained: bool, weights: str | Path | None = Non
                    features_only: bool = False) -> nn.Module:
     """The classification network; ``pretrained`` loads the ImageNet weights strictly (all keys)."""
     spec = backbone_spec(name)
-    net = spec.build()
+    net = spec.build(**({"bn_momentum": 0.01} if pretrained and name == "efficientnet_lite0" else {}))
     if pretrained:
         state = spec.load_weights(weights)
         try:

@@ -64,12 +64,20 @@ def cosine_loss(t: list[torch.Tensor], s: list[torch.Tensor]) -> torch.Tensor:
     return sum(a.mean(dim=(1, 2, 3)).sum() for a in cosine_distance_maps(t, s))
 
 
-def focal_loss(pred: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
-    """Binary focal loss on probabilities (no alpha), mean over pixels."""
-    pred = pred.float().clamp(1e-6, 1 - 1e-6)
-    ce = F.binary_cross_entropy(pred, target, reduction="none")
-    p_t = pred * target + (1 - pred) * (1 - target)
-    return (ce * (1 - p_t) ** gamma).mean()
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+    """SPEC stage-2 loss, focal (gamma, no alpha, mean over pixels) + L1 (mean), of p = sigmoid(logits)
+    against a binary target, computed from the logits in fp32 with autocast off.
+
+    Written with log-sigmoids so that it equals -log(p_t) (1 - p_t)^gamma + |p - y| wherever p is
+    representable, and keeps a finite, non-zero gradient where p rounds to 0 or 1 (a confidently wrong
+    pixel: a loss on the probability, clamped, gives it exactly zero gradient)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        z, y = logits.float(), target.float()
+        log_p, log_q = F.logsigmoid(z), F.logsigmoid(-z)  # log p, log (1 - p)
+        ce = -(y * log_p + (1 - y) * log_q)
+        # 1 - p_t = (1 - p) for positives, p for negatives; for binary targets this is also |p - y|.
+        miss = y * torch.exp(log_q) + (1 - y) * torch.exp(log_p)
+        return (ce * miss**gamma).mean() + miss.mean()
 
 
 def segmentation_target(mask: torch.Tensor, size) -> torch.Tensor:
@@ -110,8 +118,11 @@ class SegmentationNet(nn.Module):
         self.head = nn.Sequential(ASPP(width, width), nn.Conv2d(width, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))
 
+    def logits(self, x):
+        return self.head(self.res(x))
+
     def forward(self, x):
-        return torch.sigmoid(self.head(self.res(x)))
+        return torch.sigmoid(self.logits(x))
 
 
 class Decoder(nn.Module):
@@ -209,9 +220,9 @@ class SegmentationGuidedModel(nn.Module):
             t_raw = self.teacher(augmented)
             t = [l2_normalize(f) for f in t_raw]
             s = [l2_normalize(f) for f in self.student_features(augmented, t_raw)]
-        pred = self.segmentation(self.segmentation_input(t, s)).float()
-        target = segmentation_target(batch["mask"], pred.shape[-2:])
-        return focal_loss(pred, target, self.config.focal_gamma) + (pred - target).abs().mean()
+        logits = self.segmentation.logits(self.segmentation_input(t, s))
+        target = segmentation_target(batch["mask"], logits.shape[-2:])
+        return segmentation_loss(logits, target, self.config.focal_gamma)
 
     # -- inference
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

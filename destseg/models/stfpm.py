@@ -28,6 +28,11 @@ class STFPMConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     val_split: float = 0.2  # held-out share of the train normals for checkpoint selection
+    # "mean": the official loss, averaged over the batch; "sum": anomalib's, 0.5 x summed over the batch
+    # (B/2 times larger updates at the same learning rate).
+    batch_reduction: str = "mean"
+    # The category's SPEC rotation augmentation; neither the official code nor anomalib augments STFPM.
+    category_rotation: bool = False
 
 
 def feature_distances(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -38,6 +43,8 @@ def feature_distances(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[torc
 class STFPM(nn.Module):
     def __init__(self, config: STFPMConfig, teacher_weights=None, pretrained: bool = True):
         super().__init__()
+        if config.batch_reduction not in ("mean", "sum"):
+            raise ValueError(f"batch_reduction must be 'mean' or 'sum', not {config.batch_reduction!r}")
         self.config = config
         self.teacher = Teacher(config.teacher, teacher_weights, pretrained)
         self.student = build_backbone(config.teacher, pretrained=False, features_only=True)
@@ -47,13 +54,15 @@ class STFPM(nn.Module):
         steps_per_epoch = -(-n_train // c.batch_size)
         return [Stage("student", c.epochs * steps_per_epoch, [{"params": list(self.student.parameters()),
                                                                "lr": c.lr}], [self.student],
-                      needs_synthesis=False, extra={"validate_every": steps_per_epoch})]
+                      needs_synthesis=False, extra={"validate_every": steps_per_epoch,
+                                                    "batch_sum": c.batch_reduction == "sum"})]
 
     def training_loss(self, stage: str, batch: dict) -> torch.Tensor:
         image = batch["image"]
         with torch.no_grad():
             t = self.teacher(image)
-        return sum(d.mean() for d in feature_distances(t, self.student(image)))
+        per_image = sum(d.mean(dim=(1, 2)) for d in feature_distances(t, self.student(image)))
+        return per_image.mean() if self.config.batch_reduction == "mean" else 0.5 * per_image.sum()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         d = feature_distances(self.teacher(x), self.student(x))
