@@ -66,8 +66,8 @@ def cmd_train(args) -> int:
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
                            checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                           teacher_weights=args.teacher_weights,
-                           progress=not args.no_progress)
+                           teacher_weights=args.teacher_weights, threshold_holdout=args.threshold_holdout,
+                           threshold_fpr=args.threshold_fpr, progress=not args.no_progress)
     if args.resume:
         config, data = None, None
     else:
@@ -99,10 +99,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_test(args) -> int:
+    from destseg.data import DataSource
     from destseg.infer import metrics_table, evaluate_run
-    from destseg.train import DataSource
+    from destseg.train import read_run_config
 
-    data = DataSource(args.data, args.category, args.layout) if args.data else None
+    data = None
+    if args.data or args.category:  # what is not given comes from the run's own config
+        saved = (read_run_config(args.run).get("data") or {})
+        root, category = args.data or saved.get("root"), args.category or saved.get("category")
+        if not root or not category:
+            raise DestsegError(f"{args.run}: the run does not record its data; pass both --data and --category")
+        data = DataSource(root, category, args.layout if args.layout != "auto" else saved.get("layout", "auto"))
     result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
                           progress=not args.no_progress, fpr=args.fpr, report=not args.no_report)
     result.pop("_outputs")
@@ -196,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: automatic)")
+    p.add_argument("--threshold-holdout", type=float, default=0.1,
+                   help="share of the training images kept aside to set the decision threshold from good "
+                        "images (default 0.1; stfpm uses its validation images; 0: score the training images)")
+    p.add_argument("--threshold-fpr", type=float, default=0.01,
+                   help="false-positive rate of that threshold on good images (default 0.01)")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10, help="steps between train.log lines")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

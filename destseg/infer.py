@@ -18,7 +18,10 @@ from destseg.data.images import resize_rgb, to_rgb
 from destseg.errors import DestsegError
 from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table
 from destseg.models.backbones import backbone_spec
-from destseg.train import DataSource, autocast, autocast_dtype, load_model, read_run_config, resolve_device
+from destseg.data.datasets import DataSource
+from destseg.device import autocast, autocast_dtype, resolve_device
+from destseg.thresholds import fpr_thresholds, read_thresholds, write_thresholds
+from destseg.train import load_model, read_run_config
 
 
 @dataclass
@@ -61,12 +64,6 @@ def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, bat
     return TestOutputs(maps, scores, masks, labels, dest_maps, dest_scores, seconds)
 
 
-def fpr_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float) -> dict:
-    """Thresholds from normal images only: the (1 - fpr) quantiles of their image scores and pixels."""
-    return {"image": float(np.quantile(scores, 1 - fpr)), "pixel": float(np.quantile(maps, 1 - fpr)),
-            "method": f"normal images only, false-positive rate {fpr}"}
-
-
 def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
                  precision: str = "auto", batch_size: int = 16, progress: bool = True, fpr: float = 0.01,
                  report: bool = False) -> dict:
@@ -101,13 +98,13 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
         image_thr, image_f1 = f1_max_threshold(out.scores, out.labels)
         pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel())
         thresholds = {"image": image_thr, "pixel": pixel_thr, "image_f1": image_f1, "pixel_f1": pixel_f1,
-                      "method": "f1-max on the test split"}
+                      "source": "test_split", "method": "f1-max on the labelled test split"}
     else:
         result["note"] = "no defect images with masks in the test split: metrics skipped"
-        thresholds = fpr_thresholds(out.scores, out.maps, fpr)
+        thresholds = fpr_thresholds(out.scores, out.maps, fpr, "good test images")
     result["thresholds"] = thresholds
     atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(run_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
+    write_thresholds(run_dir, thresholds)
     if report:
         from destseg.report import write_report
 
@@ -149,8 +146,7 @@ class Detector:
         model, ckpt = load_model(run_dir, str(dev))
         if dev.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
-        thr_path = run_dir / "thresholds.json"
-        thresholds = json.loads(thr_path.read_text()) if thr_path.is_file() else None
+        thresholds = read_thresholds(run_dir)
         return cls(model, ckpt["config"], thresholds, dev, autocast_dtype(dev, precision))
 
     def preprocess(self, images) -> torch.Tensor:

@@ -11,7 +11,6 @@ checkpoints, interruption and resume. Run directory layout::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -29,12 +28,15 @@ from tqdm import tqdm
 
 from destseg import __version__
 from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset, default_rotation, scan_dataset
-from destseg.data.datasets import DatasetIndex, TestDataset, TestSample, seed_worker
+from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset
+from destseg.data.datasets import CATEGORY_ROTATION
+from destseg.data.datasets import DataSource, DatasetIndex, TestDataset, TestSample, seed_worker
+from destseg.device import autocast, autocast_dtype, default_workers, prepare_model, resolve_device, to_device
 from destseg.errors import DestsegError
 from destseg.models import MODELS, build_model, check_config, has_segmentation_stage, model_config
 from destseg.models.backbones import backbone_spec
 from destseg.models.common import fold_batchnorm
+from destseg.thresholds import fpr_thresholds, score_good_images, write_thresholds
 
 
 class TrainingInterrupted(DestsegError):
@@ -53,63 +55,8 @@ class TrainOptions:
     log_every: int = 10
     teacher_weights: str | None = None
     progress: bool = True
-
-
-# ------------------------------------------------------------------------------------ device, precision
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DestsegError(f"device '{name}' requested but CUDA is not available")
-    return device
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """None means fp32. bf16 on CPU uses AMX/AVX-512 through oneDNN where the CPU has it."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise DestsegError(f"bf16 is not supported on {device}; use --precision fp32")
-    if precision not in ("auto", "bf16"):
-        raise DestsegError(f"unknown precision '{precision}' (auto, bf16 or fp32)")
-    return torch.bfloat16 if supported else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def prepare_model(model: torch.nn.Module, device: torch.device, dtype) -> torch.nn.Module:
-    model = model.to(device)
-    if dtype is not None or device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)  # oneDNN/cuDNN fast paths
-    return model
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(device, non_blocking=True)
-            if v.ndim == 4 and v.shape[1] == 3:
-                v = v.contiguous(memory_format=torch.channels_last)
-        out[k] = v
-    return out
-
-
-def default_workers(device: torch.device) -> int:
-    cpus = os.cpu_count() or 1
-    if device.type == "cpu":
-        return 0 if cpus <= 2 else min(4, cpus // 4)  # on a small CPU a worker steals compute threads
-    return min(8, cpus)
+    threshold_holdout: float = 0.1  # share of the train images kept aside for the good-image threshold
+    threshold_fpr: float = 0.01  # false-positive rate of that threshold
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -159,19 +106,12 @@ def _all_reduce(values: list[float], d: Dist) -> list[float]:
 
 # ----------------------------------------------------------------------------------------- run config
 
-@dataclass
-class DataSource:
-    root: str
-    category: str
-    layout: str = "auto"
-
-    def scan(self) -> DatasetIndex:
-        return scan_dataset(self.root, self.category, self.layout)
-
-
-def write_run_config(run_dir: Path, model_name: str, config, data: DataSource | None, options: TrainOptions):
+def write_run_config(run_dir: Path, model_name: str, config, data: DataSource | None, options: TrainOptions,
+                     resolved: dict | None = None):
+    """``resolved``: what the options left to the library and what it chose (rotation, threshold images)."""
     payload = {"library_version": __version__, "model": model_name, "config": dataclasses.asdict(config),
-               "data": dataclasses.asdict(data) if data else None, "options": dataclasses.asdict(options)}
+               "data": dataclasses.asdict(data) if data else None, "options": dataclasses.asdict(options),
+               "resolved": resolved or {}}
     atomic_write_text(run_dir / "config.json", json.dumps(payload, indent=2) + "\n")
 
 
@@ -271,7 +211,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         ckpt = load_checkpoint(ckpt_path, expected_model=model_name)
         if ckpt.get("finished"):
             raise DestsegError(f"{run_dir}: training already finished; nothing to resume")
-    options = options or TrainOptions()
+    options = check_options(options or TrainOptions())
     config = check_config(config or model_config(model_name))
     if index is None:
         if data is None:
@@ -290,21 +230,25 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
     model = prepare_model(model, device, dtype)
-    if dist_info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            write_run_config(run_dir, model_name, config, data, options)
-
     spec = backbone_spec(config.teacher)
     val_share = getattr(config, "val_split", 0.0)
     train_paths, val_paths = _split_validation(index.train, val_share, options.seed)
+    # Good images for the decision threshold: STFPM's validation images, else a seeded hold-out.
+    threshold_paths = val_paths
+    if not threshold_paths and options.threshold_holdout > 0 and len(train_paths) >= 10:
+        train_paths, threshold_paths = _split_validation(train_paths, options.threshold_holdout, options.seed + 1)
     category = data.category if data else index.name.split("/")[-1]
-    if options.rotation:
-        rotation = options.rotation
-    elif getattr(config, "category_rotation", True):
-        rotation = default_rotation(category)
-    else:
-        rotation = "none"
+    rotation, rotation_why = resolve_rotation(category, config, options)
+    resolved = {"rotation": rotation, "rotation_source": rotation_why, "train_images": len(train_paths),
+                "threshold_images": len(threshold_paths) or len(train_paths),
+                "threshold_images_source": "held out of training" if threshold_paths else
+                "the training images themselves (too few to hold any out): optimistic"}
+    if dist_info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_run_config(run_dir, model_name, config, data, options, resolved)
+            if rotation_why.startswith("unknown"):
+                print(f"destseg: note: {rotation_why}", file=sys.stderr)
     stages = model.stages(len(train_paths))
     synth = AnomalySynthesizer(config.image_size, options.texture_dir) if any(s.needs_synthesis for s in stages) else None
     train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
@@ -426,11 +370,57 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                 model.load_state_dict(best["model_state"])
                 best = {k: v for k, v in best.items() if k != "model_state"}
             checkpoint(stages[-1].name, None, finished=True)
+        if dist_info.main:
+            thresholds = good_image_thresholds(model, threshold_paths or train_paths, config, spec, device,
+                                               dtype, options.threshold_fpr, bool(threshold_paths))
+            write_thresholds(run_dir, thresholds)
+            log_file.write(json.dumps({"step": step, "thresholds": thresholds}) + "\n")
     finally:
         bar.close()
         log_file.close()
     _barrier(dist_info)
     return ckpt_path
+
+
+def check_options(o: TrainOptions) -> TrainOptions:
+    """Refuse option values that cannot work, naming the flag."""
+    rules = [("threshold_holdout", 0 <= o.threshold_holdout <= 0.5, "in [0, 0.5]"),
+             ("threshold_fpr", 0 < o.threshold_fpr < 1, "in (0, 1)"),
+             ("checkpoint_every", o.checkpoint_every >= 1, "at least 1"),
+             ("log_every", o.log_every >= 1, "at least 1"),
+             ("num_workers", o.num_workers >= -1, "-1 (automatic) or more")]
+    for field, ok, rule in rules:
+        if not ok:
+            flag = "--workers" if field == "num_workers" else "--" + field.replace("_", "-")
+            raise DestsegError(f"{flag} must be {rule} (got {getattr(o, field)!r})")
+    if o.rotation is not None and o.rotation not in ("none", "small", "rot90"):
+        raise DestsegError(f"--rotation must be none, small or rot90 (got {o.rotation!r})")
+    if o.precision not in ("auto", "bf16", "fp32"):
+        raise DestsegError(f"--precision must be auto, bf16 or fp32 (got {o.precision!r})")
+    if o.texture_dir is not None and not Path(o.texture_dir).is_dir():
+        raise DestsegError(f"--texture-dir {o.texture_dir}: folder not found")
+    return o
+
+
+def resolve_rotation(category: str, config, options: TrainOptions) -> tuple[str, str]:
+    """(rotation, why): the --rotation flag, else the category's SPEC setting (none for STFPM, whose
+    references do not augment), else none for a category the library does not know."""
+    if options.rotation:
+        return options.rotation, "--rotation"
+    if not getattr(config, "category_rotation", True):
+        return "none", "this model trains without augmentation (category_rotation=False)"
+    if category in CATEGORY_ROTATION:
+        return CATEGORY_ROTATION[category], f"SPEC setting for category '{category}'"
+    return "none", (f"unknown category '{category}': no rotation augmentation by default "
+                    "(choose one with --rotation none|small|rot90)")
+
+
+def good_image_thresholds(model, paths, config, spec, device, dtype, fpr: float, held_out: bool) -> dict:
+    """Thresholds at false-positive rate ``fpr`` from the final model's scores of good images."""
+    scores, maps = score_good_images(model, paths, config.image_size, spec.mean, spec.std, device, dtype,
+                                     config.batch_size)
+    what = "good training images held out of training" if held_out else "training images (seen in training)"
+    return fpr_thresholds(scores, maps, fpr, what)
 
 
 def check_per_process_batch(config, world_size: int) -> None:

@@ -149,3 +149,28 @@ def test_benchmark_command_tiny(tmp_path):
     mtime = (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime
     assert main(args) == 0
     assert (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime == mtime
+
+
+def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
+    """No `destseg test`: the threshold comes from good training images held out of training."""
+    root = make_mvtec(tmp_path / "d", n_train=12)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--category", "widget", "--out", str(run), "--teacher",
+                 "efficientnet_lite0", "--image-size", "64", "--batch-size", "2", "--steps", "3",
+                 "--student-steps", "2", "--no-progress"]) == 0
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["source"] == "good_images" and thr["n_images"] == 1 and "held out" in thr["method"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["resolved"]["train_images"] == 11 and config["resolved"]["threshold_images"] == 1
+    assert config["resolved"]["rotation"] == "none" and "unknown category 'widget'" in config["resolved"]["rotation_source"]
+    out = tmp_path / "pred"
+    assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and {r["decision"] for r in rows} <= {"ok", "defect"}
+    assert Detector.load(run).predict(np.zeros((64, 64, 3), np.uint8)).is_defect is not None
+    # `test` refines the threshold on the labelled split and keeps the good-image one beside it;
+    # --data alone takes the category from the run.
+    assert main(["test", "--run", str(run), "--data", str(root), "--no-progress", "--no-report"]) == 0
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["source"] == "test_split" and thr["good_images"]["source"] == "good_images"

@@ -222,6 +222,18 @@ def validate(index: DatasetIndex, check_pixels: bool = True) -> DatasetIndex:
     return index
 
 
+@dataclass
+class DataSource:
+    """Where a run's data comes from (recorded in the run config): a dataset root, a category, a layout."""
+
+    root: str
+    category: str
+    layout: str = "auto"
+
+    def scan(self) -> DatasetIndex:
+        return scan_dataset(self.root, self.category, self.layout)
+
+
 # ------------------------------------------------------------------------------------------ torch datasets
 
 def _normalize(img01: np.ndarray, mean, std) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Devices and precision: which device, which autocast dtype, memory layout and host-to-device copies."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from destseg.errors import DestsegError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DestsegError(f"--device '{name}' is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DestsegError(f"--device '{name}': only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DestsegError(f"--device '{name}' requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DestsegError(f"--device '{name}': only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """None means fp32. bf16 on CPU uses AMX/AVX-512 through oneDNN where the CPU has it."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise DestsegError(f"bf16 is not supported on {device}; use --precision fp32")
+    if precision not in ("auto", "bf16"):
+        raise DestsegError(f"unknown precision '{precision}' (auto, bf16 or fp32)")
+    return torch.bfloat16 if supported else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, dtype) -> torch.nn.Module:
+    model = model.to(device)
+    if dtype is not None or device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # oneDNN/cuDNN fast paths
+    return model
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.ndim == 4 and v.shape[1] == 3:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = os.cpu_count() or 1
+    if device.type == "cpu":
+        return 0 if cpus <= 2 else min(4, cpus // 4)  # on a small CPU a worker steals compute threads
+    return min(8, cpus)
