@@ -135,6 +135,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from destseg.serve import serve
+
+    return serve(args.run, host=args.host, port=args.port, device=args.device, precision=args.precision,
+                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_bytes=args.max_mb * 1024 * 1024)
+
+
 def cmd_evaluate(args) -> int:
     from destseg.metrics import evaluate, format_table
 
@@ -246,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP service and web page for a run: POST /predict, GET /health, GET /")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--max-batch", type=int, default=16, help="largest micro-batch of concurrent requests")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a micro-batch to fill")
+    p.add_argument("--max-mb", type=int, default=20, help="largest accepted upload, in MiB")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="metrics of any method's outputs saved as .npz")
     p.add_argument("--predictions", required=True, help="npz with maps, masks, labels[, scores]")

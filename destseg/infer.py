@@ -132,8 +132,8 @@ class Prediction:
 class Detector:
     """A trained run, ready to predict: ``Detector.load(run_dir).predict(image)``."""
 
-    def __init__(self, model, config: dict, thresholds: dict | None, device, dtype):
-        self.model, self.config, self.thresholds = model, config, thresholds
+    def __init__(self, model, config: dict, thresholds: dict | None, device, dtype, model_name: str = ""):
+        self.model, self.config, self.thresholds, self.model_name = model, config, thresholds, model_name
         self.device, self.dtype = device, dtype
         spec = backbone_spec(config["teacher"])
         self.mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
@@ -147,7 +147,7 @@ class Detector:
         if dev.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         thresholds = read_thresholds(run_dir)
-        return cls(model, ckpt["config"], thresholds, dev, autocast_dtype(dev, precision))
+        return cls(model, ckpt["config"], thresholds, dev, autocast_dtype(dev, precision), ckpt["model"])
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images or uint8 arrays (H, W, 3) / (H, W) -> normalised batch (N, 3, S, S)."""

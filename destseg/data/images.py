@@ -7,6 +7,7 @@ converted to 8-bit RGB; 16-bit values are scaled by 1/257. Masks: any non-zero p
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -31,12 +32,13 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(p for p in Path(folder).glob(pattern) if p.is_file() and is_image_file(p))
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, data: bytes | None = None) -> Image.Image:
+    """Open and decode ``path`` (or the bytes ``data``, named ``path`` in errors)."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data) if data is not None else path)
             width, height = img.size
             if width <= 0 or height <= 0:
                 raise ImageError(f"{path}: image has an empty size {width}x{height}")
@@ -92,6 +94,13 @@ def to_rgb(img: Image.Image, path: Path | str = "<array>") -> Image.Image:
 def read_rgb(path: Path | str) -> Image.Image:
     """Open, fully decode and convert an image to RGB; :class:`ImageError` on any problem."""
     return to_rgb(_open(Path(path)), path)
+
+
+def decode_rgb(data: bytes, name: str = "<upload>") -> Image.Image:
+    """:func:`read_rgb` for encoded bytes (an upload); errors name ``name``."""
+    if not data:
+        raise ImageError(f"{name}: empty (0 bytes)")
+    return to_rgb(_open(Path(name), data), name)
 
 
 def read_mask(path: Path | str) -> np.ndarray:

@@ -1,0 +1,252 @@
+"""``destseg serve``: an HTTP service (FastAPI + uvicorn) around one loaded run, with micro-batching.
+
+Endpoints: ``POST /predict`` (the image as the raw body with an ``image/*`` content type, or as the
+multipart field ``file``; query ``threshold``, ``overlay``, ``mask``), ``GET /health``, and ``GET /``, a
+page to drop images on. Concurrent requests are gathered into batches of up to ``max_batch`` images,
+waiting at most ``max_wait_ms`` for the batch to fill, and run one batch at a time. Every bad request gets
+a 4xx JSON ``{"error": ...}`` naming the problem; the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+from PIL import Image
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+except ImportError:  # checked with a clear message in serve()
+    FastAPI = Request = HTMLResponse = JSONResponse = None
+
+from destseg.data.images import decode_rgb, resize_rgb
+from destseg.errors import DestsegError, ImageError
+from destseg.infer import Detector, Prediction
+from destseg.visualize import overlay as heat_overlay
+
+
+@dataclass
+class _Job:
+    image: Image.Image
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Gathers concurrent requests into batches; the model runs in one worker thread, one batch at a time."""
+
+    def __init__(self, detector: Detector, max_batch: int = 16, max_wait_s: float = 0.005):
+        self.detector, self.max_batch, self.max_wait_s = detector, max_batch, max_wait_s
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="destseg-model")
+        self.task: asyncio.Task | None = None
+        self.batches = self.images = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=False)
+
+    async def predict(self, image: Image.Image) -> tuple[Prediction, dict]:
+        job = _Job(image, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            started = time.perf_counter()
+            try:
+                preds = await loop.run_in_executor(self.executor, self.detector.predict_batch,
+                                                   [j.image for j in batch])
+            except Exception as exc:  # a model failure fails this batch's requests, not the service
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            infer_s = time.perf_counter() - started
+            self.batches += 1
+            self.images += len(batch)
+            for j, p in zip(batch, preds):
+                if not j.future.done():
+                    j.future.set_result((p, {"queue_ms": 1000 * (started - j.enqueued),
+                                             "infer_ms": 1000 * infer_s, "batch_size": len(batch)}))
+
+
+def _png_b64(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def create_app(detector: Detector, max_batch: int = 16, max_wait_ms: float = 5.0,
+               max_bytes: int = 20 * 1024 * 1024, run_name: str = "run"):
+    """The FastAPI application serving ``detector``."""
+    batcher = MicroBatcher(detector, max_batch, max_wait_ms / 1000)
+    thresholds = detector.thresholds or {}
+    stored_thr = thresholds.get("image")
+    pixel_thr = thresholds.get("pixel", stored_thr)
+    size = detector.config["image_size"]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="destseg", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "run": run_name, "model": detector.model_name, "teacher": detector.config["teacher"],
+                "image_size": size, "device": str(detector.device),
+                "precision": "fp32" if detector.dtype is None else "bf16", "threshold": stored_thr,
+                "threshold_source": thresholds.get("source"), "threshold_method": thresholds.get("method"),
+                "batches": batcher.batches, "images": batcher.images}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        html = resources.files("destseg").joinpath("serve_page.html").read_text()
+        return html.replace("__RUN__", run_name)
+
+    async def read_limited(request: Request) -> bytes | JSONResponse:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return error(413, f"request body is {int(length):,} bytes, more than the {max_bytes:,} allowed")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                return error(413, f"request body is more than the {max_bytes:,} bytes allowed")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.post("/predict")
+    async def predict(request: Request, threshold: float | None = None, overlay: bool = False,
+                      mask: bool = False):
+        t0 = time.perf_counter()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        name = "upload"
+        if ctype == "multipart/form-data":
+            body = await read_limited(request)
+            if isinstance(body, JSONResponse):
+                return body
+            data, name = await _multipart_file(request, body)
+            if data is None:
+                return error(400, "multipart request has no file field (send the image as field 'file')")
+        elif ctype.startswith("image/") or ctype == "application/octet-stream":
+            data = await read_limited(request)
+            if isinstance(data, JSONResponse):
+                return data
+        else:
+            return error(415, f"content type '{ctype or 'none'}' is not supported: send the image as the raw "
+                              "body with an image/* content type, or as multipart/form-data field 'file'")
+        if not data:
+            return error(400, "empty body: no image was sent")
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(None, decode_rgb, data, name)
+        except ImageError as exc:
+            status = 413 if "too large" in str(exc) or "more than the" in str(exc) else 400
+            return error(status, str(exc))
+        decode_ms = 1000 * (time.perf_counter() - t0)
+        try:
+            pred, timing = await batcher.predict(image)
+        except Exception as exc:  # pragma: no cover - a model failure is a server error, reported as such
+            return error(500, f"inference failed: {exc}")
+        thr = threshold if threshold is not None else stored_thr
+        result = {"score": pred.score, "threshold": thr,
+                  "threshold_source": "request" if threshold is not None else thresholds.get("source"),
+                  "is_defect": None if thr is None else bool(pred.score >= thr),
+                  "width": image.width, "height": image.height,
+                  "timing_ms": {"decode": decode_ms, **{k: v for k, v in timing.items() if k != "batch_size"},
+                                "total": 1000 * (time.perf_counter() - t0)},
+                  "batch_size": timing["batch_size"]}
+        result["decision"] = None if thr is None else ("defect" if result["is_defect"] else "ok")
+        if overlay:
+            vmax = 2 * pixel_thr if pixel_thr else max(float(pred.map.max()), 1e-6)
+            result["overlay_png"] = _png_b64(heat_overlay(resize_rgb(image, size), pred.map, 0.0, vmax))
+        if mask:
+            if pixel_thr is None:
+                return error(400, "the run has no pixel threshold: mask unavailable (train with this version "
+                                  "or run `destseg test`)")
+            result["mask_png"] = _png_b64((pred.map >= pixel_thr).astype(np.uint8) * 255)
+        result["timing_ms"]["total"] = 1000 * (time.perf_counter() - t0)
+        return result
+
+    return app
+
+
+async def _multipart_file(request, body: bytes) -> tuple[bytes | None, str]:
+    """The first file part of a multipart body already read (``body``), parsed by Starlette."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, receive).form()
+    for value in form.values():
+        if isinstance(value, UploadFile):
+            return await value.read(), value.filename or "upload"
+    return None, "upload"
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", precision: str = "auto",
+          max_batch: int = 16, max_wait_ms: float = 5.0, max_bytes: int = 20 * 1024 * 1024) -> int:
+    """Load the run once and serve it until interrupted."""
+    import socket
+
+    try:
+        import uvicorn
+
+        assert FastAPI is not None
+    except (ImportError, AssertionError):
+        raise DestsegError("serving needs FastAPI and uvicorn: pip install 'destseg[serve]'") from None
+    if not 1 <= max_batch <= 1024:
+        raise DestsegError(f"--max-batch must be in [1, 1024] (got {max_batch})")
+    if not 0 <= max_wait_ms <= 10_000:
+        raise DestsegError(f"--max-wait-ms must be in [0, 10000] (got {max_wait_ms})")
+    if not 0 < port < 65536:
+        raise DestsegError(f"--port must be in [1, 65535] (got {port})")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise DestsegError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    detector = Detector.load(run_dir, device=device, precision=precision)
+    app = create_app(detector, max_batch, max_wait_ms, max_bytes, run_name=str(run_dir))
+    thr = (detector.thresholds or {}).get("image")
+    print(f"destseg: serving {run_dir} on http://{host}:{port} (threshold "
+          f"{'none' if thr is None else f'{thr:.4g}'}; Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
