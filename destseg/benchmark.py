@@ -25,9 +25,6 @@ from destseg import __version__
 from destseg.checkpoint import atomic_write_text
 from destseg.errors import DestsegError
 
-MVTEC_CATEGORIES = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
-                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper"]
-
 # Published MVTec AD means (SPEC): not per category, shown for reference beside ours.
 PUBLISHED = {
     "destseg": {"source": "DeSTSeg paper, ResNet18, MVTec mean", "i_auroc": 0.986, "p_auroc": 0.979,
@@ -45,6 +42,8 @@ class Job:
     category: str
     model: str
     seed: int
+    dataset: str = ""
+    root: str = ""
 
     @property
     def name(self) -> str:
@@ -82,7 +81,7 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
     if not info.get("trained") and _finished(run / "checkpoint.pt"):  # trained, but not recorded here
         info["trained"] = True
     if not info.get("trained"):
-        cmd = py + ["train", "--data", args.data, "--category", job.category, "--model", job.model,
+        cmd = py + ["train", "--data", job.root, "--category", job.category, "--model", job.model,
                     "--out", str(run), "--schedule", args.schedule, "--seed", str(job.seed), "--no-progress",
                     "--device", args.device]
         if (run / "checkpoint.pt").is_file():
@@ -107,7 +106,7 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
 
     metrics = json.loads((run / "metrics.json").read_text())
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    return {"run": job.name, "category": job.category, "model": job.model, "seed": job.seed,
+    return {"run": job.name, "dataset": job.dataset, "category": job.category, "model": job.model, "seed": job.seed,
             **{k: metrics[k] for k in METRICS}, "train_minutes": ckpt.get("elapsed_s", 0) / 60,
             "inference_images_per_s": metrics["images_per_s"], "train_peak_mib": info.get("train_peak_mib"),
             "teacher": ckpt["teacher"], "steps": ckpt["step"], "precision": metrics["precision"]}
@@ -135,6 +134,13 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
                 v = 100 * np.array([r[k] for r in rs])
                 cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}")
             lines.append(f"| {cat} | {model} | {len(rs)} | " + " | ".join(cells) + " |")
+    means = mean_over_categories(rows)
+    if any(m["categories"] > 1 for m in means.values()):
+        lines += ["", "Mean over categories (each category first averaged over its seeds):", "",
+                  "| model | categories | " + " | ".join(METRIC_LABELS) + " | train min |", "|---|---|" + "---|" * 7]
+        for model, m in means.items():
+            lines.append(f"| {model} | {m['categories']} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRICS)
+                         + f" | {m['train_minutes']:.1f} |")
     lines += ["", "Published (MVTec AD means over 15 categories, ResNet18 teacher, paper schedules):", "",
               "| model | source | I-AUROC | P-AUROC | P-AP | IAP |", "|---|---|---|---|---|---|"]
     for model in sorted({r["model"] for r in rows}):
@@ -145,24 +151,76 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_roots(specs: list[str]) -> dict[str, str]:
+    """``--data`` values, each ``name=root`` or a bare root (named after its folder) -> {name: root}."""
+    roots: dict[str, str] = {}
+    for spec in specs:
+        name, sep, root = spec.partition("=")
+        if not sep:
+            name, root = Path(spec).name or spec, spec
+        if not Path(root).is_dir():
+            raise DestsegError(f"--data {spec}: dataset root not found")
+        if name in roots:
+            raise DestsegError(f"--data {spec}: dataset name '{name}' given twice (use name=root)")
+        roots[name] = root
+    return roots
+
+
+def locate_categories(roots: dict[str, str], spec: str) -> dict[str, tuple[str, str]]:
+    """{category: (dataset name, root)}. ``spec``: 'all' (every category folder with a train/ folder in
+    every root), or comma-separated names, each ``category`` or ``dataset:category``."""
+    found: dict[str, list[str]] = {}
+    for name, root in roots.items():
+        for p in sorted(Path(root).iterdir()):
+            if (p / "train").is_dir():
+                found.setdefault(p.name, []).append(name)
+    if spec == "all":
+        wanted = [(None, c) for c in found]
+    else:
+        wanted = [tuple(c.strip().split(":", 1)) if ":" in c else (None, c.strip()) for c in spec.split(",") if c.strip()]
+    places: dict[str, tuple[str, str]] = {}
+    for dataset, cat in wanted:
+        where = [d for d in found.get(cat, []) if dataset in (None, d)]
+        if not where:
+            raise DestsegError(f"--categories: '{cat}' not found in {', '.join(f'{n}={r}' for n, r in roots.items())}")
+        if len(where) > 1:
+            raise DestsegError(f"--categories: '{cat}' is in several datasets ({', '.join(where)}); "
+                               f"write dataset:{cat}")
+        places[cat] = (where[0], roots[where[0]])
+    if not places:
+        raise DestsegError("--categories: no category to run")
+    return places
+
+
+def mean_over_categories(rows: list[dict]) -> dict[str, dict]:
+    """Per model: the mean over categories of each category's mean over seeds."""
+    per: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        per.setdefault(r["model"], {}).setdefault(r["category"], []).append(r)
+    out = {}
+    for model, cats in per.items():
+        cat_means = [{k: float(np.mean([r[k] for r in rs])) for k in METRICS + ("train_minutes",)} for rs in cats.values()]
+        out[model] = {"categories": len(cats), **{k: float(np.mean([c[k] for c in cat_means]))
+                                                  for k in METRICS + ("train_minutes",)}}
+    return out
+
+
 def run_benchmark(args) -> int:
     import torch
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cats = MVTEC_CATEGORIES if args.categories == "all" else [c.strip() for c in args.categories.split(",")]
-    missing = [c for c in cats if not (Path(args.data) / c).is_dir()]
-    if missing:
-        raise DestsegError(f"{args.data}: categories not found: {', '.join(missing)}")
+    roots = parse_roots(args.data)
+    places = locate_categories(roots, args.categories)
     models = [m.strip() for m in args.models.split(",")]
-    from destseg.cli import resolve_schedule
     from destseg.models import MODELS
+    from destseg.schedules import schedule_overrides
 
-    resolve_schedule(args.schedule)  # fail now, not in the first child
+    schedule_overrides(args.schedule, "destseg", 1)  # fail now, not in the first child
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise DestsegError(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})")
-    jobs = [Job(c, m, s) for c in cats for m in models for s in range(args.seeds)]
+    jobs = [Job(c, m, s, ds, root) for c, (ds, root) in places.items() for m in models for s in range(args.seeds)]
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
     rows: list[dict] = []
     t0 = time.time()
@@ -200,8 +258,9 @@ def run_benchmark(args) -> int:
             bar.update(1)
     bar.close()
     meta = {"library_version": __version__, "hardware": hardware(), "torch": torch.__version__,
-            "schedule": args.schedule, "data": args.data, "elapsed_minutes": (time.time() - t0) / 60}
+            "schedule": args.schedule, "data": roots, "elapsed_minutes": (time.time() - t0) / 60}
     atomic_write_text(out / "results.json", json.dumps({"meta": meta, "runs": rows,
+                                                        "mean_over_categories": mean_over_categories(rows),
                                                         "published": PUBLISHED}, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(rows, meta))
     print(results_markdown(rows, meta))

@@ -12,29 +12,6 @@ import numpy as np
 from destseg import __version__
 from destseg.errors import DestsegError
 
-SCHEDULES = {
-    # The SPEC's schedule (paper values) and a reduced one sized for a 2-core CPU in <= 30 min per category
-    # with the EfficientNet-Lite0 teacher. See docs/RESULTS.md.
-    "paper": {},
-    "cpu": {"destseg": {"batch_size": 16, "steps": 900, "student_steps": 600},
-            "tesd": {"batch_size": 16, "steps": 900, "student_steps": 600},
-            "stfpm": {"batch_size": 16}},
-}
-
-
-def resolve_schedule(name: str) -> dict:
-    """A named schedule, or a JSON file {model: {config field: value}} for custom ones."""
-    if name in SCHEDULES:
-        return SCHEDULES[name]
-    path = Path(name)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DestsegError(f"{path}: invalid schedule JSON ({exc})") from None
-    raise DestsegError(f"unknown schedule '{name}' (paper, cpu, or a .json file)")
-
-
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD layout, or VisA with split_csv)")
     p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
@@ -60,20 +37,27 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from destseg.data import DataSource
     from destseg.models import model_config
-    from destseg.train import DataSource, TrainOptions, TrainingInterrupted, train
+    from destseg.schedules import parse_duration, schedule_overrides
+    from destseg.train import TrainOptions, TrainingInterrupted, train
 
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
                            checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                            teacher_weights=args.teacher_weights, threshold_holdout=args.threshold_holdout,
                            threshold_fpr=args.threshold_fpr, progress=not args.no_progress)
+    if args.time_budget is not None:
+        options.time_budget_s = parse_duration(args.time_budget)
+    index = None
     if args.resume:
         config, data = None, None
     else:
         if not args.data or not args.category:
             raise DestsegError("--data and --category are required (unless --resume)")
-        overrides = dict(resolve_schedule(args.schedule).get(args.model, {}))
+        data = DataSource(args.data, args.category, args.layout)
+        index = data.scan()
+        overrides, options.schedule = schedule_overrides(args.schedule, args.model, len(index.train))
         overrides.update({k: v for k, v in {
             "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
             "batch_size": args.batch_size, "epochs": args.epochs, "image_size": args.image_size,
@@ -87,9 +71,8 @@ def cmd_train(args) -> int:
         if args.no_segmentation:
             overrides["segmentation"] = False
         config = model_config(args.model, **overrides)
-        data = DataSource(args.data, args.category, args.layout)
     try:
-        path = train(args.out, args.model, config, data, options=options, resume=args.resume,
+        path = train(args.out, args.model, config, data, index=index, options=options, resume=args.resume,
                      overwrite=args.overwrite)
     except TrainingInterrupted as exc:
         print(f"destseg: {exc}", file=sys.stderr)
@@ -188,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", choices=["resnet18", "efficientnet_lite0"], help="default: resnet18 (paper)")
     p.add_argument("--teacher-weights", help="explicit teacher weights file (ResNet18: torchvision's)")
     p.add_argument("--schedule", default="paper",
-                   help="paper: the SPEC's schedule; cpu: reduced for a 2-core CPU; or a JSON file "
-                        "{model: {field: value}}. Explicit flags override it")
+                   help="paper: the SPEC's schedule; cpu: batch 16 and a number of epochs that follows the "
+                        "training set, sized for a 2-core CPU; or a JSON file {model: {field: value}}. "
+                        "Explicit flags override it")
+    p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (each stage gets its "
+                                         "share of the budget; the steps reached are logged)")
     p.add_argument("--steps", type=int, help="total steps, both stages (destseg, tesd)")
     p.add_argument("--student-steps", type=int, help="steps of stage 1 (destseg, tesd)")
     p.add_argument("--epochs", type=int, help="epochs (stfpm)")
@@ -277,8 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("benchmark", help="train and test (category, model, seed) runs; results table")
-    p.add_argument("--data", required=True)
-    p.add_argument("--categories", default="all", help="comma-separated, or all (MVTec AD's 15)")
+    p.add_argument("--data", required=True, action="append",
+                   help="dataset root, or name=root; repeat for several datasets (e.g. --data mvtec=ROOT1 "
+                        "--data mpdd=ROOT2)")
+    p.add_argument("--categories", default="all",
+                   help="comma-separated category names (or dataset:category), or all: every category folder "
+                        "with a train/ folder under each root")
     p.add_argument("--models", default="destseg,stfpm,tesd")
     p.add_argument("--schedule", default="cpu", help="paper, cpu, or a JSON file (see train --help)")
     p.add_argument("--teacher", default="efficientnet_lite0", choices=["resnet18", "efficientnet_lite0"])
@@ -295,7 +285,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DestsegError as exc:
+    except (DestsegError, OSError) as exc:
         print(f"destseg: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # config validation (unknown option values)

@@ -55,6 +55,8 @@ class TrainOptions:
     log_every: int = 10
     teacher_weights: str | None = None
     progress: bool = True
+    schedule: str | None = None  # how the config's schedule was chosen, in words (recorded)
+    time_budget_s: float | None = None  # wall-time cap: each stage stops when its share is used
     threshold_holdout: float = 0.1  # share of the train images kept aside for the good-image threshold
     threshold_fpr: float = 0.01  # false-positive rate of that threshold
 
@@ -261,6 +263,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     total_steps = sum(s.steps for s in stages)
     step = ckpt["step"] if ckpt else 0
     best = ckpt.get("best") if ckpt else None
+    cuts: dict[str, int] = dict(ckpt.get("time_budget_cuts") or {}) if ckpt else {}  # stage -> steps done
     log_file = open(run_dir / "train.log", "a") if dist_info.main else open(os.devnull, "w")
     bar = tqdm(total=total_steps, initial=step, desc=f"train {model_name}", unit="step", dynamic_ncols=True,
                disable=not options.progress or not dist_info.main, file=sys.stderr)
@@ -285,6 +288,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
             "step": step, "stage": stage_name, "finished": finished, "seed": options.seed,
             "elapsed_s": time.time() - t_start, "model_state": state,
             "optimizer_state": None if finished else optimizer.state_dict(), "best": best,
+            "time_budget_cuts": cuts,
         })
 
     try:
@@ -322,6 +326,8 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                 validate_every = stage.extra.get("validate_every")
                 bar.set_description(f"{model_name}:{stage.name}")
                 loss_avg = None
+                stage_deadline = (time.time() + options.time_budget_s * stage.steps / total_steps
+                                  if options.time_budget_s else None)
                 for batch in loader:
                     batch = to_device(batch, device)
                     with autocast(device, dtype):
@@ -361,6 +367,19 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                             f"checkpoint saved, continue with: destseg train --out {run_dir} --resume")
                     if step % options.checkpoint_every == 0:
                         checkpoint(stage.name, optimizer)
+                    if stage_deadline is not None and step < offset + stage.steps:
+                        over = time.time() > stage_deadline
+                        if dist_info.active:
+                            over = _all_reduce([float(over)], dist_info)[0] > 0
+                        if over:  # this stage's share of --time-budget is used up
+                            cuts[stage.name] = step - offset
+                            note = f"time budget: stage {stage.name} stopped at {step - offset} of {stage.steps} steps"
+                            log_file.write(json.dumps({"step": step, "stage": stage.name, "time_budget": note}) + "\n")
+                            if dist_info.main:
+                                tqdm.write(f"destseg: {note}", file=sys.stderr)
+                            bar.update(offset + stage.steps - step)
+                            step = offset + stage.steps
+                            break
                 for name, ddp in wrapped.items():
                     setattr(model, name, ddp.module)
                 wrapped.clear()

@@ -133,18 +133,25 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path):
 
 def test_benchmark_command_tiny(tmp_path):
     root = make_mvtec(tmp_path / "data")
+    root2 = make_mvtec(tmp_path / "data2", category="gadget", seed=1)
     schedule = tmp_path / "tiny.json"
     schedule.write_text(json.dumps({"destseg": {"image_size": 64, "batch_size": 2, "steps": 2, "student_steps": 1},
                                     "stfpm": {"image_size": 64, "batch_size": 2, "epochs": 1}}))
     out = tmp_path / "bench"
-    args = ["benchmark", "--data", str(root), "--categories", "widget", "--models", "destseg,stfpm",
-            "--schedule", str(schedule), "--out", str(out), "--no-progress", "--device", "cpu"]
+    args = ["benchmark", "--data", f"one={root}", "--data", f"two={root2}", "--categories", "widget,two:gadget",
+            "--models", "destseg,stfpm", "--schedule", str(schedule), "--out", str(out), "--no-progress",
+            "--device", "cpu"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["run"] for r in res["runs"]] == ["widget-destseg-s0", "widget-stfpm-s0"]
+    assert [(r["run"], r["dataset"]) for r in res["runs"]] == [
+        ("widget-destseg-s0", "one"), ("widget-stfpm-s0", "one"), ("gadget-destseg-s0", "two"), ("gadget-stfpm-s0", "two")]
     assert all(0 <= r["i_auroc"] <= 1 and r["train_peak_mib"] > 0 for r in res["runs"])
+    mean = res["mean_over_categories"]["stfpm"]
+    assert mean["categories"] == 2 and mean["i_auroc"] == pytest.approx(
+        np.mean([r["i_auroc"] for r in res["runs"] if r["model"] == "stfpm"]))
     md = (out / "results.md").read_text()
-    assert "widget-stfpm-s0" in md and "Published" in md
+    assert "widget-stfpm-s0" in md and "Published" in md and "Mean over categories" in md
+    assert main(["benchmark", "--data", str(root), "--categories", "nope", "--out", str(out)]) == 2
     # Re-running skips finished runs (no retraining: checkpoints untouched).
     mtime = (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime
     assert main(args) == 0

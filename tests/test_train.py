@@ -187,3 +187,24 @@ def test_sigint_in_subprocess_leaves_resumable_checkpoint(tmp_path, tiny_mvtec):
     step = load_checkpoint(run / "checkpoint.pt")["step"]
     assert 0 < step < 400
     assert not list(run.glob(".checkpoint.pt.*.tmp"))  # no temporary file left behind
+
+
+def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_path, tiny_mvtec):
+    from destseg.schedules import cpu_steps, parse_duration, schedule_overrides
+
+    assert cpu_steps(209) == (600, 300)  # MVTec bottle: the schedule measured in docs/RESULTS.md
+    assert cpu_steps(54) == (300, 150) and cpu_steps(700) == (2010, 1005) and cpu_steps(10_000) == (2400, 1200)
+    overrides, words = schedule_overrides("cpu", "destseg", 54)
+    assert overrides == {"batch_size": 16, "student_steps": 300, "steps": 450} and "54 training images" in words
+    assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("2") == 120
+    for bad in ("0", "-3m", "abc", "", "inf"):
+        with pytest.raises(DestsegError, match="--time-budget"):
+            parse_duration(bad)
+    # A budget far too small for the steps: each stage stops after its first step and says so.
+    run = tmp_path / "run"
+    cfg = model_config("destseg", **{**TINY, "steps": 40, "student_steps": 20})
+    train(run, "destseg", cfg, DataSource(str(tiny_mvtec), "widget"),
+          options=TrainOptions(seed=1, precision="fp32", progress=False, time_budget_s=0.001))
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["finished"] and ckpt["time_budget_cuts"] == {"student": 1, "segmentation": 1}
+    assert "stopped at 1 of 20 steps" in (run / "train.log").read_text()
