@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stfpm loss over the batch: mean (official code) or 0.5 x sum (anomalib)")
     p.add_argument("--val-split", type=float, help="stfpm: held-out share of the train images for checkpoint "
                                                    "selection (0: keep the last weights)")
-    p.add_argument("--texture-dir", help="anomaly source images (DTD layout or flat); default: built-in generator")
+    p.add_argument("--texture-dir", help="anomaly source images: a folder (DTD layout or flat), or dtd to download "
+                                         "the DTD release once into the cache (the paper's source); default: a "
+                                         "built-in procedural generator (offline fallback, flagged in the run)")
     p.add_argument("--rotation", choices=["none", "small", "rot90"], help="default: the category's SPEC setting")
     p.add_argument("--no-denoising", action="store_true", help="ablation: student sees clean images")
     p.add_argument("--identical-student", action="store_true", help="ablation: student = teacher architecture")

@@ -31,6 +31,7 @@ from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoi
 from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset
 from destseg.data.datasets import CATEGORY_ROTATION
 from destseg.data.datasets import DataSource, DatasetIndex, TestDataset, TestSample, seed_worker
+from destseg.dtd import resolve_texture_dir
 from destseg.device import autocast, autocast_dtype, default_workers, prepare_model, resolve_device, to_device
 from destseg.errors import DestsegError
 from destseg.models import MODELS, build_model, check_config, has_segmentation_stage, model_config
@@ -241,7 +242,17 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         train_paths, threshold_paths = _split_validation(train_paths, options.threshold_holdout, options.seed + 1)
     category = data.category if data else index.name.split("/")[-1]
     rotation, rotation_why = resolve_rotation(category, config, options)
-    resolved = {"rotation": rotation, "rotation_source": rotation_why, "train_images": len(train_paths),
+    texture_dir = resolve_texture_dir(options.texture_dir, progress=options.progress and dist_info.main)
+    synthesis = any(s.needs_synthesis for s in model.stages(len(train_paths)))
+    if not synthesis:
+        anomaly_source = "none (this model trains on normal images only)"
+    elif texture_dir:
+        anomaly_source = f"textures from {texture_dir}"
+    else:
+        anomaly_source = ("WARNING: built-in procedural textures (the offline fallback; the paper uses DTD: "
+                          "--texture-dir dtd downloads it once, or pass a folder of texture images)")
+    resolved = {"rotation": rotation, "rotation_source": rotation_why, "anomaly_source": anomaly_source,
+                "train_images": len(train_paths),
                 "threshold_images": len(threshold_paths) or len(train_paths),
                 "threshold_images_source": "held out of training" if threshold_paths else
                 "the training images themselves (too few to hold any out): optimistic"}
@@ -251,8 +262,13 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
             write_run_config(run_dir, model_name, config, data, options, resolved)
             if rotation_why.startswith("unknown"):
                 print(f"destseg: note: {rotation_why}", file=sys.stderr)
+            if anomaly_source.startswith("WARNING"):
+                print(f"destseg: {anomaly_source}", file=sys.stderr)
+            log_file_header = {"resolved": resolved, "schedule": options.schedule}
+            with open(run_dir / "train.log", "a") as f:
+                f.write(json.dumps(log_file_header) + "\n")
     stages = model.stages(len(train_paths))
-    synth = AnomalySynthesizer(config.image_size, options.texture_dir) if any(s.needs_synthesis for s in stages) else None
+    synth = AnomalySynthesizer(config.image_size, texture_dir) if any(s.needs_synthesis for s in stages) else None
     train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
     workers = default_workers(device) if options.num_workers < 0 else options.num_workers
     val_loader = None
@@ -416,7 +432,7 @@ def check_options(o: TrainOptions) -> TrainOptions:
         raise DestsegError(f"--rotation must be none, small or rot90 (got {o.rotation!r})")
     if o.precision not in ("auto", "bf16", "fp32"):
         raise DestsegError(f"--precision must be auto, bf16 or fp32 (got {o.precision!r})")
-    if o.texture_dir is not None and not Path(o.texture_dir).is_dir():
+    if o.texture_dir not in (None, "dtd") and not Path(o.texture_dir).is_dir():
         raise DestsegError(f"--texture-dir {o.texture_dir}: folder not found")
     return o
 
