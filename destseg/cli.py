@@ -12,6 +12,14 @@ import numpy as np
 from destseg import __version__
 from destseg.errors import DestsegError
 
+def _image_size(values: list[int] | None):
+    if values is None:
+        return None
+    if len(values) > 2:
+        raise DestsegError(f"--image-size takes one size or a height and a width, not {len(values)} numbers")
+    return values[0] if len(values) == 1 else list(values)
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD layout, or VisA with split_csv)")
     p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
@@ -60,7 +68,7 @@ def cmd_train(args) -> int:
         overrides, options.schedule = schedule_overrides(args.schedule, args.model, len(index.train))
         overrides.update({k: v for k, v in {
             "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
-            "batch_size": args.batch_size, "epochs": args.epochs, "image_size": args.image_size,
+            "batch_size": args.batch_size, "epochs": args.epochs, "image_size": _image_size(args.image_size),
             "lr": args.lr, "weight_decay": args.weight_decay, "batch_reduction": args.batch_reduction,
             "val_split": args.val_split}.items()
             if v is not None})
@@ -180,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-steps", type=int, help="steps of stage 1 (destseg, tesd)")
     p.add_argument("--epochs", type=int, help="epochs (stfpm)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-size", type=int, nargs="+", metavar="SIZE",
+                   help="model input size: S (square) or H W, multiples of 32 (default 256)")
     p.add_argument("--lr", type=float, help="learning rate (stfpm)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-reduction", choices=["mean", "sum"],

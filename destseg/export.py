@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from destseg.checkpoint import atomic_write
+from destseg.data.images import hw
 from destseg.train import load_model
 
 
@@ -27,9 +28,9 @@ class MapAndScore(nn.Module):
 
 def export_onnx(run_dir: Path | str, out_path: Path | str, opset: int = 17) -> Path:
     model, ckpt = load_model(run_dir, "cpu")
-    size = ckpt["config"]["image_size"]
+    h, w = hw(ckpt["config"]["image_size"])
     wrapper = MapAndScore(model).eval()
-    example = torch.zeros(2, 3, size, size)
+    example = torch.zeros(2, 3, h, w)
 
     def write(f):
         with warnings.catch_warnings():

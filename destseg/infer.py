@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from destseg.checkpoint import atomic_write_text
 from destseg.data.datasets import TestDataset
-from destseg.data.images import resize_rgb, to_rgb
+from destseg.data.images import hw, resize_rgb, to_rgb
 from destseg.errors import DestsegError
 from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table
 from destseg.models.backbones import backbone_spec
@@ -39,9 +39,9 @@ class TestOutputs:
 def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, batch_size: int = 16,
                    progress: bool = True) -> TestOutputs:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    n, size = len(dataset), dataset.size
-    maps = np.empty((n, size, size), np.float32)
-    masks = np.empty((n, size, size), bool)
+    n, (h, w) = len(dataset), hw(dataset.size)
+    maps = np.empty((n, h, w), np.float32)
+    masks = np.empty((n, h, w), bool)
     labels = np.empty(n, np.int64)
     scores = np.empty(n, np.float64)
     dest_maps = dest_scores = None
@@ -125,7 +125,7 @@ def metrics_table(result: dict) -> str:
 @dataclass
 class Prediction:
     score: float
-    map: np.ndarray  # (H, W) at the model's input size
+    map: np.ndarray  # (H, W) at the model's input size (config image_size)
     is_defect: bool | None  # None when the run has no threshold yet
 
 
@@ -150,7 +150,7 @@ class Detector:
         return cls(model, ckpt["config"], thresholds, dev, autocast_dtype(dev, precision), ckpt["model"])
 
     def preprocess(self, images) -> torch.Tensor:
-        """PIL images or uint8 arrays (H, W, 3) / (H, W) -> normalised batch (N, 3, S, S)."""
+        """PIL images or uint8 arrays (H, W, 3) / (H, W) -> normalised batch (N, 3, H', W') at the run's size."""
         size = self.config["image_size"]
         arrs = []
         for im in images:

@@ -181,3 +181,36 @@ def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
     assert main(["test", "--run", str(run), "--data", str(root), "--no-progress", "--no-report"]) == 0
     thr = json.loads((run / "thresholds.json").read_text())
     assert thr["source"] == "test_split" and thr["good_images"]["source"] == "good_images"
+
+
+def test_non_square_run_trains_tests_predicts_and_exports(tmp_path):
+    """Line-camera-like frames (wide): --image-size H W through the whole pipeline."""
+    root = make_mvtec(tmp_path / "d", n_train=8)
+    for png in root.rglob("*.png"):  # 64x64 -> 160x64 (W x H), masks too (nearest keeps them binary)
+        img = Image.open(png)
+        img.resize((160, 64), Image.NEAREST if "ground_truth" in png.parts else Image.BILINEAR).save(png)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--category", "widget", "--out", str(run), "--teacher",
+                 "efficientnet_lite0", "--image-size", "64", "128", "--batch-size", "2", "--steps", "3",
+                 "--student-steps", "2", "--no-progress"]) == 0
+    result = evaluate_run(run, progress=False, report=True)
+    out = result.pop("_outputs")
+    assert out.maps.shape == (4, 64, 128) and out.masks.shape == (4, 64, 128) and out.masks.any()
+    assert 0 <= result["i_auroc"] <= 1 and (run / "report.html").is_file()
+    det = Detector.load(run)
+    pred = det.predict(np.zeros((300, 700, 3), np.uint8))
+    assert pred.map.shape == (64, 128) and pred.is_defect is not None
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(pred_dir),
+                 "--no-progress"]) == 0
+    overlay_png = next((pred_dir / "overlays").rglob("*.png"))
+    assert Image.open(overlay_png).size == (128, 64)
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(run), "--out", str(onnx_path)]) == 0
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = det.preprocess([np.zeros((64, 128, 3), np.uint8)]).contiguous().numpy()
+    onnx_map = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert onnx_map.shape == (1, 64, 128)
+    for bad in (["--image-size", "64", "100"], ["--image-size", "1", "2", "3"]):
+        assert main(["train", "--data", str(root), "--category", "widget", "--out", str(tmp_path / "x"), *bad]) == 2

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from destseg.data.images import (
-    is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
+    hw, is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
 )
 from destseg.data.synthesis import AnomalySynthesizer
 from destseg.errors import DatasetError, ImageError
@@ -243,9 +243,9 @@ def _normalize(img01: np.ndarray, mean, std) -> torch.Tensor:
     return (t - mean_t) / std_t
 
 
-def load_resized(paths: list[Path], size: int) -> np.ndarray:
-    """(N, size, size, 3) uint8; raises ImageError naming the first bad file."""
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+def load_resized(paths: list[Path], size) -> np.ndarray:
+    """(N, H, W, 3) uint8; raises ImageError naming the first bad file."""
+    out = np.empty((len(paths), *hw(size), 3), dtype=np.uint8)
     for i, p in enumerate(paths):
         out[i] = resize_rgb(read_rgb(p), size)
     return out
@@ -311,7 +311,7 @@ class TestDataset(torch.utils.data.Dataset):
         if s.mask is not None:
             mask = resize_mask(read_mask(s.mask), self.size)
         else:
-            mask = np.zeros((self.size, self.size), dtype=bool)
+            mask = np.zeros(hw(self.size), dtype=bool)
         return {"image": _normalize(img, self.mean, self.std), "mask": torch.from_numpy(mask),
                 "label": s.label, "index": i}
 

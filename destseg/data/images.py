@@ -112,16 +112,26 @@ def read_mask(path: Path | str) -> np.ndarray:
     return arr > 0
 
 
-def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
-    """PIL bilinear resize (no crop) to size x size, as uint8 (H, W, 3)."""
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+def hw(size) -> tuple[int, int]:
+    """An image size as (height, width): one number is a square, a pair is (height, width)."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def resize_rgb(img: Image.Image, size) -> np.ndarray:
+    """PIL bilinear resize (no crop) to ``size`` (S or (H, W)), as uint8 (H, W, 3)."""
+    h, w = hw(size)
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
     """The SPEC's ground-truth rule: bilinear (antialiased) resize of the 0/1 mask, then >= 0.5."""
-    if mask.shape == (size, size):
+    h, w = hw(size)
+    if mask.shape == (h, w):
         return mask.astype(bool)
-    img = Image.fromarray(mask.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+    img = Image.fromarray(mask.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
     return np.asarray(img) >= 0.5

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from destseg.data.images import list_images, read_rgb, resize_rgb
+from destseg.data.images import hw, list_images, read_rgb, resize_rgb
 from destseg.errors import DatasetError
 
 
@@ -40,10 +40,11 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     return noise[:h, :w].astype(np.float32)
 
 
-def perlin_mask(size: int, rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
-    """SPEC step 1: scale 2^tx x 2^ty (tx, ty in [0, 5]), rotated by U(-90, 90), thresholded. May be empty."""
+def perlin_mask(size, rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
+    """SPEC step 1: scale 2^tx x 2^ty (tx, ty in [0, 5]), rotated by U(-90, 90), thresholded. May be empty.
+    ``size``: S or (H, W); a non-square noise map is rotated within its own frame."""
     tx, ty = int(rng.integers(0, 6)), int(rng.integers(0, 6))
-    noise = perlin_noise((size, size), (2**ty, 2**tx), rng)
+    noise = perlin_noise(hw(size), (2**ty, 2**tx), rng)
     angle = float(rng.uniform(-90, 90))
     noise = np.asarray(Image.fromarray(noise, mode="F").rotate(angle, resample=Image.BILINEAR))
     return noise > threshold
@@ -76,22 +77,22 @@ class GeneratedTextures:
         self.size = size
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        s = self.size
+        h, w = hw(self.size)
         kind = int(rng.integers(4))
         colors = rng.uniform(0, 1, size=(2, 3)).astype(np.float32)
         if kind == 0:  # multi-octave coloured Perlin noise
-            t = sum(perlin_noise((s, s), (2**o, 2**o), rng) / 2**i for i, o in enumerate(range(1, 6)))
+            t = sum(perlin_noise((h, w), (2**o, 2**o), rng) / 2**i for i, o in enumerate(range(1, 6)))
             t = (t - t.min()) / (np.ptp(t) + 1e-6)
         elif kind == 1:  # stripes at a random angle and period
-            yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
             theta, period = rng.uniform(0, np.pi), rng.uniform(4, 32)
             t = 0.5 + 0.5 * np.sin((xx * np.cos(theta) + yy * np.sin(theta)) * 2 * np.pi / period)
         elif kind == 2:  # checkerboard
             cell = int(rng.integers(4, 33))
-            yy, xx = np.mgrid[0:s, 0:s]
+            yy, xx = np.mgrid[0:h, 0:w]
             t = ((yy // cell + xx // cell) % 2).astype(np.float32)
         else:  # thresholded blotches
-            t = (perlin_noise((s, s), (8, 8), rng) > rng.uniform(-0.2, 0.2)).astype(np.float32)
+            t = (perlin_noise((h, w), (8, 8), rng) > rng.uniform(-0.2, 0.2)).astype(np.float32)
         img = colors[0] * t[..., None] + colors[1] * (1 - t[..., None])
         img += rng.normal(0, 0.04, size=img.shape).astype(np.float32)
         return np.clip(img, 0, 1).astype(np.float32)

@@ -33,6 +33,12 @@ def has_segmentation_stage(config) -> bool:
     return getattr(config, "segmentation", False) or isinstance(config, TESDConfig)
 
 
+def _valid_size(v) -> bool:
+    sides = [v] if isinstance(v, int) else list(v) if isinstance(v, (list, tuple)) and len(v) == 2 else []
+    return bool(sides) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 32 and s % 32 == 0
+                               for s in sides)
+
+
 def check_config(config):
     """Refuse values that cannot train (ValueError naming the command-line flag); returns ``config``."""
     def bad(field, rule):
@@ -46,7 +52,7 @@ def check_config(config):
 
     if config.teacher not in BACKBONES:
         raise ValueError(f"--teacher must be one of {', '.join(BACKBONES)} (got {config.teacher!r})")
-    need("image_size", lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0, "a multiple of 32, at least 32")
+    need("image_size", _valid_size, "one size or a (height, width) pair, each a multiple of 32, at least 32")
     need("batch_size", lambda v: v >= 1, "at least 1")
     need("epochs", lambda v: v >= 1, "at least 1")
     need("student_steps", lambda v: v >= 1, "at least 1")

@@ -21,7 +21,7 @@ class DeSTSegConfig:
     """Paper values (SPEC "DeSTSeg model") as defaults."""
 
     teacher: str = "resnet18"
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256  # S (square) or (height, width)
     batch_size: int = 32
     steps: int = 5000  # total, both stages
     student_steps: int = 1000

@@ -21,7 +21,7 @@ class STFPMConfig:
     """SPEC "STFPM baseline" values as defaults."""
 
     teacher: str = "resnet18"
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256  # S (square) or (height, width)
     batch_size: int = 32
     epochs: int = 100
     lr: float = 0.4

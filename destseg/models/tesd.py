@@ -26,7 +26,7 @@ class TESDConfig:
     """Same schedule shape as DeSTSeg (the PFADSeg paper's own values are not public)."""
 
     teacher: str = "resnet18"
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256  # S (square) or (height, width)
     batch_size: int = 32
     steps: int = 5000
     student_steps: int = 1000
