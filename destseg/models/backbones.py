@@ -10,7 +10,6 @@ import hashlib
 import math
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -212,18 +211,6 @@ LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
 
 
-@contextmanager
-def cpu_fp32(x: torch.Tensor):
-    """Turn CPU autocast off: on this torch build oneDNN has no fast bf16 kernels for Lite0's depthwise and
-    narrow (16-112 channel) convolutions, and the fallback is 4-5x slower than fp32 for a whole forward
-    pass (docs/BENCHMARKS.md). Inputs must then be fp32; outputs are fp32. CUDA autocast is untouched."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            yield
-    else:
-        yield
-
-
 class EfficientNetLite0(nn.Module):
     channels = (24, 40, 112)
     features_only = False
@@ -248,10 +235,6 @@ class EfficientNetLite0(nn.Module):
         kaiming_init(self)
 
     def features(self, x) -> list[torch.Tensor]:
-        with cpu_fp32(x):
-            return self._features(x.float() if x.device.type == "cpu" else x)
-
-    def _features(self, x) -> list[torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
         feats = []
         for i, block in enumerate(self._blocks[: self.feature_blocks[-1] + 1]):
@@ -263,12 +246,11 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x):
         if self.features_only:
             return self.features(x)
-        with cpu_fp32(x):
-            x = F.relu6(self._bn0(self._conv_stem(x)))
-            for block in self._blocks:
-                x = block(x)
-            x = F.relu6(self._bn1(self._conv_head(x)))
-            return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def drop_head(self) -> None:
         """Remove what ``features`` never uses (smaller checkpoints, no dead parameters)."""
