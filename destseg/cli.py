@@ -102,7 +102,8 @@ def cmd_test(args) -> int:
             raise DestsegError(f"{args.run}: the run does not record its data; pass both --data and --category")
         data = DataSource(root, category, args.layout if args.layout != "auto" else saved.get("layout", "auto"))
     result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
-                          progress=not args.no_progress, fpr=args.fpr, report=not args.no_report)
+                          progress=not args.no_progress, fpr=args.fpr, report=not args.no_report,
+                          backend=args.backend)
     result.pop("_outputs")
     print(json.dumps(result, indent=2) if args.json else metrics_table(result))
     return 0
@@ -113,16 +114,22 @@ def cmd_predict(args) -> int:
 
     return run_predict(args.run, args.input, args.out, threshold=args.threshold,
                        pixel_threshold=args.pixel_threshold, batch_size=args.batch_size, device=args.device,
-                       precision=args.precision, overwrite=args.overwrite, progress=not args.no_progress)
+                       precision=args.precision, overwrite=args.overwrite, progress=not args.no_progress,
+                       backend=args.backend)
 
 
 def cmd_export(args) -> int:
-    from destseg.export import export_onnx
-
     if args.out.exists() and not args.overwrite:
         raise DestsegError(f"{args.out}: exists; pass --overwrite to replace it")
-    export_onnx(args.run, args.out)
-    print(f"saved {args.out}")
+    if args.format == "openvino":
+        from destseg.openvino_ir import export_openvino
+
+        path = export_openvino(args.run, args.out)
+    else:
+        from destseg.export import export_onnx
+
+        path = export_onnx(args.run, args.out)
+    print(f"saved {path}")
     return 0
 
 
@@ -130,7 +137,8 @@ def cmd_serve(args) -> int:
     from destseg.serve import serve
 
     return serve(args.run, host=args.host, port=args.port, device=args.device, precision=args.precision,
-                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_bytes=args.max_mb * 1024 * 1024)
+                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_bytes=args.max_mb * 1024 * 1024,
+                 backend=args.backend)
 
 
 def cmd_evaluate(args) -> int:
@@ -229,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images (file, folder or glob): overlays, masks, CSV, JSON")
@@ -242,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a run to ONNX: normalised images -> (anomaly map, score)")
+    p = sub.add_parser("export", help="export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)")
     p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                   help="onnx: one .onnx file; openvino: a folder with model.xml and model.bin")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -260,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="largest micro-batch of concurrent requests")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a micro-batch to fill")
     p.add_argument("--max-mb", type=int, default=20, help="largest accepted upload, in MiB")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="metrics of any method's outputs saved as .npz")

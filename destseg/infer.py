@@ -64,9 +64,31 @@ def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, bat
     return TestOutputs(maps, scores, masks, labels, dest_maps, dest_scores, seconds)
 
 
+def load_inference_model(run_dir, device: str = "auto", precision: str = "auto", backend: str = "torch"):
+    """(model, checkpoint, device, autocast dtype, precision in words) for inference with ``backend``:
+    ``torch`` (batch norms folded, channels_last on CPU) or ``openvino`` (CPU, the run's cached IR)."""
+    if backend == "openvino":
+        from destseg.checkpoint import load_checkpoint
+        from destseg.openvino_ir import OpenVINOModel, run_ir
+
+        if device not in ("auto", "cpu"):
+            raise DestsegError(f"--backend openvino runs on the CPU, not --device {device}")
+        ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt" if Path(run_dir).is_dir() else run_dir)
+        model = OpenVINOModel(run_ir(run_dir), precision)
+        return model, ckpt, torch.device("cpu"), None, f"openvino {model.precision}"
+    if backend != "torch":
+        raise DestsegError(f"--backend must be torch or openvino (got {backend!r})")
+    dev = resolve_device(device)
+    dtype = autocast_dtype(dev, precision)
+    model, ckpt = load_model(run_dir, str(dev))
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model, ckpt, dev, dtype, "fp32" if dtype is None else "bf16"
+
+
 def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
                  precision: str = "auto", batch_size: int = 16, progress: bool = True, fpr: float = 0.01,
-                 report: bool = False) -> dict:
+                 report: bool = False, backend: str = "torch") -> dict:
     """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json (and
     RUN/report.html with ``report``). Thresholds: F1-max on the test split, or, when it has no defect
     images, the (1 - fpr) quantile of the normal images' scores and pixels."""
@@ -79,17 +101,16 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
     index = data.scan()
     if not index.test:
         raise DestsegError(f"{index.name}: the test split has no images")
-    dev = resolve_device(device)
-    dtype = autocast_dtype(dev, precision)
-    model, ckpt = load_model(run_dir, str(dev))
-    if dev.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+    model, ckpt, dev, dtype, precision_used = load_inference_model(run_dir, device, precision, backend)
     spec = backbone_spec(ckpt["config"]["teacher"])
     dataset = TestDataset(index.test, ckpt["config"]["image_size"], spec.mean, spec.std)
+    t0 = time.perf_counter()
     out = run_test_split(model, dataset, dev, dtype, batch_size, progress)
+    wall = time.perf_counter() - t0
     result = {"model": ckpt["model"], "teacher": ckpt["teacher"], "step": ckpt["step"],
-              "n_test": len(dataset), "precision": "fp32" if dtype is None else "bf16",
-              "device": str(dev), "images_per_s": len(dataset) / max(out.seconds, 1e-9)}
+              "n_test": len(dataset), "backend": backend, "precision": precision_used, "device": str(dev),
+              "images_per_s": len(dataset) / max(wall, 1e-9),  # end to end: reading, decoding, resizing too
+              "model_images_per_s": len(dataset) / max(out.seconds, 1e-9)}
     if out.labels.any() and out.masks.any():
         result.update(evaluate(out.maps, out.masks, out.labels, out.scores))
         if out.dest_maps is not None and ckpt["config"].get("segmentation", True):
@@ -140,14 +161,11 @@ class Detector:
         self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, run_dir, device: str = "cpu", precision: str = "auto") -> "Detector":
+    def load(cls, run_dir, device: str = "cpu", precision: str = "auto", backend: str = "torch") -> "Detector":
+        """``backend``: ``torch``, or ``openvino`` (CPU; the run's IR is exported on first use)."""
         run_dir = Path(run_dir)
-        dev = resolve_device(device)
-        model, ckpt = load_model(run_dir, str(dev))
-        if dev.type == "cpu":
-            model = model.to(memory_format=torch.channels_last)
-        thresholds = read_thresholds(run_dir)
-        return cls(model, ckpt["config"], thresholds, dev, autocast_dtype(dev, precision), ckpt["model"])
+        model, ckpt, dev, dtype, _ = load_inference_model(run_dir, device, precision, backend)
+        return cls(model, ckpt["config"], read_thresholds(run_dir), dev, dtype, ckpt["model"])
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images or uint8 arrays (H, W, 3) / (H, W) -> normalised batch (N, 3, H', W') at the run's size."""

@@ -130,7 +130,8 @@ def create_app(detector: Detector, max_batch: int = 16, max_wait_ms: float = 5.0
     async def health():
         return {"status": "ok", "run": run_name, "model": detector.model_name, "teacher": detector.config["teacher"],
                 "image_size": size, "device": str(detector.device),
-                "precision": "fp32" if detector.dtype is None else "bf16", "threshold": stored_thr,
+                "precision": getattr(detector.model, "precision", "fp32" if detector.dtype is None else "bf16"),
+                "threshold": stored_thr,
                 "threshold_source": thresholds.get("source"), "threshold_method": thresholds.get("method"),
                 "batches": batcher.batches, "images": batcher.images}
 
@@ -222,7 +223,8 @@ async def _multipart_file(request, body: bytes) -> tuple[bytes | None, str]:
 
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", precision: str = "auto",
-          max_batch: int = 16, max_wait_ms: float = 5.0, max_bytes: int = 20 * 1024 * 1024) -> int:
+          max_batch: int = 16, max_wait_ms: float = 5.0, max_bytes: int = 20 * 1024 * 1024,
+          backend: str = "torch") -> int:
     """Load the run once and serve it until interrupted."""
     import socket
 
@@ -243,7 +245,7 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "aut
             s.bind((host, port))
         except OSError as exc:
             raise DestsegError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
-    detector = Detector.load(run_dir, device=device, precision=precision)
+    detector = Detector.load(run_dir, device=device, precision=precision, backend=backend)
     app = create_app(detector, max_batch, max_wait_ms, max_bytes, run_name=str(run_dir))
     thr = (detector.thresholds or {}).get("image")
     print(f"destseg: serving {run_dir} on http://{host}:{port} (threshold "

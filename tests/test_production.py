@@ -214,3 +214,25 @@ def test_non_square_run_trains_tests_predicts_and_exports(tmp_path):
     assert onnx_map.shape == (1, 64, 128)
     for bad in (["--image-size", "64", "100"], ["--image-size", "1", "2", "3"]):
         assert main(["train", "--data", str(root), "--category", "widget", "--out", str(tmp_path / "x"), *bad]) == 2
+
+
+def test_openvino_export_and_backend_match_pytorch(tiny_run, tmp_path):
+    pytest.importorskip("openvino")
+    run, root = tiny_run
+    out = tmp_path / "ir"
+    assert main(["export", "--run", str(run), "--format", "openvino", "--out", str(out)]) == 0
+    assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+    assert main(["export", "--run", str(run), "--format", "openvino", "--out", str(out)]) == 2  # no overwrite
+    images = [np.asarray(Image.open(s.path).convert("RGB")) for s in scan_mvtec(root, "widget").test]
+    torch_preds = Detector.load(run, precision="fp32").predict_batch(images)
+    ov = Detector.load(run, precision="fp32", backend="openvino")
+    assert (run / "openvino" / "model.xml").is_file()  # the run's cached IR
+    ov_preds = ov.predict_batch(images)
+    assert max(np.abs(a.map - b.map).max() for a, b in zip(torch_preds, ov_preds)) < 1e-4
+    assert np.allclose([p.score for p in ov_preds], [p.score for p in torch_preds], atol=1e-4)
+    assert [p.is_defect for p in ov_preds] == [p.is_defect for p in torch_preds]
+    result = evaluate_run(run, progress=False, backend="openvino", precision="fp32")
+    assert result["backend"] == "openvino" and result["precision"].startswith("openvino")
+    assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out",
+                 str(tmp_path / "p"), "--backend", "openvino", "--no-progress"]) == 0
+    assert main(["test", "--run", str(run), "--backend", "openvino", "--device", "cuda"]) == 2

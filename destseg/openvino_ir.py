@@ -1,0 +1,89 @@
+"""OpenVINO: export a run to an IR (model.xml + model.bin) and run it as a drop-in for the PyTorch model.
+
+The IR is converted from the run's ONNX graph (batch norms folded, dynamic batch), weights kept in fp32.
+On a CPU with AMX/AVX-512-bf16, OpenVINO's default ("auto") runs it in bf16; ``precision="fp32"`` forces f32.
+A run's own IR is cached in ``RUN/openvino/`` the first time ``--backend openvino`` is used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from destseg.errors import DestsegError
+
+IR_NAME = "model.xml"
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError:
+        raise DestsegError("the OpenVINO backend needs the openvino package: pip install 'destseg[openvino]'") from None
+    return openvino
+
+
+def export_openvino(run_dir: Path | str, out_dir: Path | str) -> Path:
+    """Write ``out_dir/model.xml`` and ``model.bin`` (atomically: the folder appears complete or not at all)."""
+    from destseg.export import export_onnx
+
+    ov = _ov()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        onnx_path = export_onnx(run_dir, Path(tmp) / "model.onnx")
+        model = ov.convert_model(str(onnx_path))
+        ir_dir = Path(tmp) / "ir"
+        ir_dir.mkdir()
+        ov.save_model(model, str(ir_dir / IR_NAME), compress_to_fp16=False)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(ir_dir, out_dir)
+    return out_dir / IR_NAME
+
+
+def run_ir(run_dir: Path | str) -> Path:
+    """The run's cached IR, exported on first use."""
+    ir = Path(run_dir) / "openvino" / IR_NAME
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    if not ir.is_file() or (ckpt.is_file() and ckpt.stat().st_mtime > ir.stat().st_mtime):
+        export_openvino(run_dir, ir.parent)
+    return ir
+
+
+class OpenVINOModel:
+    """Callable like the PyTorch model in eval mode: normalised images (N, 3, H, W) -> {"map", "score"}."""
+
+    training = False
+
+    def __init__(self, ir_path: Path | str, precision: str = "auto", threads: int | None = None):
+        ov = _ov()
+        core = ov.Core()
+        config = {}
+        if precision == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        elif precision == "bf16":
+            caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            if "BF16" not in caps:
+                raise DestsegError(f"bf16 is not supported by this CPU for OpenVINO (capabilities: {', '.join(caps)}); "
+                                   "use --precision fp32 or auto")
+            config["INFERENCE_PRECISION_HINT"] = "bf16"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(str(ir_path), "CPU", config)
+        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        result = self.compiled(x.detach().float().contiguous().cpu().numpy())
+        anomaly_map, score = (torch.from_numpy(result[i]) for i in range(2))
+        return {"map": anomaly_map, "score": score}
