@@ -52,6 +52,7 @@ def cmd_train(args) -> int:
 
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
+                           synthesis=args.synthesis,
                            checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                            teacher_weights=args.teacher_weights, threshold_holdout=args.threshold_holdout,
                            threshold_fpr=args.threshold_fpr, progress=not args.no_progress)
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: automatic)")
+    p.add_argument("--synthesis", default="auto", choices=["auto", "cpu", "device"],
+                   help="where augmentation and anomaly synthesis run: cpu (per sample, NumPy), device "
+                        "(batched tensor operations on the training device), auto: device on CUDA, else cpu")
     p.add_argument("--threshold-holdout", type=float, default=0.1,
                    help="share of the training images kept aside to set the decision threshold from good "
                         "images (default 0.1; stfpm uses its validation images; 0: score the training images)")

@@ -30,6 +30,7 @@ from destseg import __version__
 from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset
 from destseg.data.datasets import CATEGORY_ROTATION
+from destseg.data.device_synthesis import DeviceAugment, texture_bank
 from destseg.data.datasets import DataSource, DatasetIndex, TestDataset, TestSample, seed_worker
 from destseg.dtd import resolve_texture_dir
 from destseg.device import autocast, autocast_dtype, default_workers, prepare_model, resolve_device, to_device
@@ -58,6 +59,7 @@ class TrainOptions:
     progress: bool = True
     schedule: str | None = None  # how the config's schedule was chosen, in words (recorded)
     time_budget_s: float | None = None  # wall-time cap: each stage stops when its share is used
+    synthesis: str = "auto"  # cpu: per sample in NumPy; device: batched on the training device; auto: device on CUDA
     threshold_holdout: float = 0.1  # share of the train images kept aside for the good-image threshold
     threshold_fpr: float = 0.01  # false-positive rate of that threshold
 
@@ -252,6 +254,8 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         anomaly_source = ("WARNING: built-in procedural textures (the offline fallback; the paper uses DTD: "
                           "--texture-dir dtd downloads it once, or pass a folder of texture images)")
     resolved = {"rotation": rotation, "rotation_source": rotation_why, "anomaly_source": anomaly_source,
+                "synthesis": "batched on " + device.type if synthesis_on_device(options.synthesis, device)
+                else "per sample on the CPU (NumPy)",
                 "train_images": len(train_paths),
                 "threshold_images": len(threshold_paths) or len(train_paths),
                 "threshold_images_source": "held out of training" if threshold_paths else
@@ -268,9 +272,17 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
             with open(run_dir / "train.log", "a") as f:
                 f.write(json.dumps(log_file_header) + "\n")
     stages = model.stages(len(train_paths))
-    synth = AnomalySynthesizer(config.image_size, texture_dir) if any(s.needs_synthesis for s in stages) else None
-    train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
+    on_device = synthesis_on_device(options.synthesis, device)
+    augment = None
+    if on_device:
+        textures = texture_bank(config.image_size, texture_dir, seed=options.seed) if synthesis else None
+        augment = DeviceAugment(config.image_size, spec.mean, spec.std, rotation, textures, device)
+        train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, raw=True)
+    else:
+        synth = AnomalySynthesizer(config.image_size, texture_dir) if synthesis else None
+        train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
     workers = default_workers(device) if options.num_workers < 0 else options.num_workers
+    train_workers = 0 if on_device and options.num_workers < 0 else workers  # nothing left to do on the CPU
     val_loader = None
     if val_paths:
         val_ds = TestDataset([TestSample(p, 0, None, "good") for p in val_paths], config.image_size, spec.mean, spec.std)
@@ -334,7 +346,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                             wrapped[name] = DDP(child, device_ids=[device.index] if device.type == "cuda" else None)
                             setattr(model, name, wrapped[name])
                 loader = torch.utils.data.DataLoader(
-                    train_ds, batch_sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
+                    train_ds, batch_sampler=sampler, num_workers=train_workers, worker_init_fn=seed_worker,
                     persistent_workers=False, pin_memory=device.type == "cuda")
                 model.eval()
                 for m in stage.train_modules:
@@ -345,7 +357,11 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                 stage_deadline = (time.time() + options.time_budget_s * stage.steps / total_steps
                                   if options.time_budget_s else None)
                 for batch in loader:
-                    batch = to_device(batch, device)
+                    if augment is not None:  # per-step generator: reproducible, identical after a resume
+                        batch = augment(batch["raw"], augment.generator(options.seed, stage_index, step,
+                                                                        dist_info.rank))
+                    else:
+                        batch = to_device(batch, device)
                     with autocast(device, dtype):
                         loss = model.training_loss(stage.name, batch)
                     optimizer.zero_grad(set_to_none=True)
@@ -430,11 +446,19 @@ def check_options(o: TrainOptions) -> TrainOptions:
             raise DestsegError(f"{flag} must be {rule} (got {getattr(o, field)!r})")
     if o.rotation is not None and o.rotation not in ("none", "small", "rot90"):
         raise DestsegError(f"--rotation must be none, small or rot90 (got {o.rotation!r})")
+    if o.synthesis not in ("auto", "cpu", "device"):
+        raise DestsegError(f"--synthesis must be auto, cpu or device (got {o.synthesis!r})")
     if o.precision not in ("auto", "bf16", "fp32"):
         raise DestsegError(f"--precision must be auto, bf16 or fp32 (got {o.precision!r})")
     if o.texture_dir not in (None, "dtd") and not Path(o.texture_dir).is_dir():
         raise DestsegError(f"--texture-dir {o.texture_dir}: folder not found")
     return o
+
+
+def synthesis_on_device(choice: str, device: torch.device) -> bool:
+    if choice not in ("auto", "cpu", "device"):
+        raise DestsegError(f"--synthesis must be auto, cpu or device (got {choice!r})")
+    return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
 def resolve_rotation(category: str, config, options: TrainOptions) -> tuple[str, str]:

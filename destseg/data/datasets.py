@@ -269,8 +269,10 @@ class TrainDataset(torch.utils.data.Dataset):
     after a resume.
     """
 
-    def __init__(self, paths: list[Path], size: int, mean, std, rotation: str = "none",
-                 synthesizer: AnomalySynthesizer | None = None, images: np.ndarray | None = None):
+    def __init__(self, paths: list[Path], size, mean, std, rotation: str = "none",
+                 synthesizer: AnomalySynthesizer | None = None, images: np.ndarray | None = None,
+                 raw: bool = False):
+        """``raw``: items are the cached uint8 images alone, for :class:`DeviceAugment`."""
         if not paths:
             raise DatasetError("training set is empty: no images found")
         if rotation not in ROTATIONS:
@@ -280,12 +282,15 @@ class TrainDataset(torch.utils.data.Dataset):
         self.size, self.mean, self.std = size, mean, std
         self.rotation = rotation
         self.synthesizer = synthesizer
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, item):
         index, sample_seed = item
+        if self.raw:  # augmentation and synthesis happen batched on the training device (DeviceAugment)
+            return {"raw": torch.from_numpy(self.images[index])}
         rng = np.random.default_rng(sample_seed)
         img = rotate_image(self.images[index], self.rotation, rng).astype(np.float32) / 255.0
         out = {"image": _normalize(img, self.mean, self.std)}
