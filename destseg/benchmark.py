@@ -81,7 +81,7 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
     if not info.get("trained") and _finished(run / "checkpoint.pt"):  # trained, but not recorded here
         info["trained"] = True
     if not info.get("trained"):
-        cmd = py + ["train", "--data", job.root, "--category", job.category, "--model", job.model,
+        cmd = py + ["train", "--data", job.root, "--category", job.category, "--model", job.model, "--threshold-holdout", "0",
                     "--out", str(run), "--schedule", args.schedule, "--seed", str(job.seed), "--no-progress",
                     "--device", args.device]
         if (run / "checkpoint.pt").is_file():

@@ -121,8 +121,11 @@ class SegmentationNet(nn.Module):
     def logits(self, x):
         return self.head(self.res(x))
 
-    def forward(self, x):
-        return torch.sigmoid(self.logits(x))
+    def forward(self, x, return_logits: bool = False):
+        """Probabilities, or the logits with ``return_logits`` (what the loss uses; through ``forward`` so
+        that a DistributedDataParallel wrapper sees the call)."""
+        z = self.logits(x)
+        return z if return_logits else torch.sigmoid(z)
 
 
 class Decoder(nn.Module):
@@ -220,7 +223,7 @@ class SegmentationGuidedModel(nn.Module):
             t_raw = self.teacher(augmented)
             t = [l2_normalize(f) for f in t_raw]
             s = [l2_normalize(f) for f in self.student_features(augmented, t_raw)]
-        logits = self.segmentation.logits(self.segmentation_input(t, s))
+        logits = self.segmentation(self.segmentation_input(t, s), return_logits=True)
         target = segmentation_target(batch["mask"], logits.shape[-2:])
         return segmentation_loss(logits, target, self.config.focal_gamma)
 
