@@ -28,8 +28,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """None means fp32. bf16 on CPU uses AMX/AVX-512 through oneDNN where the CPU has it."""
+    """None means fp32. bf16 on CPU uses AMX/AVX-512 through oneDNN where the CPU has it. ``fp32`` on CUDA
+    allows TF32 (tensor cores for matmuls and convolutions; stated in README)."""
     if precision == "fp32":
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         return None
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()

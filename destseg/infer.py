@@ -19,7 +19,7 @@ from destseg.errors import DestsegError
 from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table
 from destseg.models.backbones import backbone_spec
 from destseg.data.datasets import DataSource
-from destseg.device import autocast, autocast_dtype, resolve_device
+from destseg.device import autocast, autocast_dtype, default_workers, resolve_device
 from destseg.thresholds import fpr_thresholds, read_thresholds, write_thresholds
 from destseg.train import load_model, read_run_config
 
@@ -37,8 +37,12 @@ class TestOutputs:
 
 @torch.no_grad()
 def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, batch_size: int = 16,
-                   progress: bool = True) -> TestOutputs:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+                   progress: bool = True, num_workers: int = -1) -> TestOutputs:
+    """Maps and scores of a test split. Reading, decoding and resizing run in DataLoader workers where the
+    machine has cores to spare (none on a 2-core CPU, where they would take the model's threads)."""
+    workers = default_workers(device) if num_workers < 0 else num_workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
     n, (h, w) = len(dataset), hw(dataset.size)
     maps = np.empty((n, h, w), np.float32)
     masks = np.empty((n, h, w), bool)
@@ -48,7 +52,7 @@ def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, bat
     seconds = 0.0
     for batch in tqdm(loader, desc="test", unit="batch", disable=not progress):
         idx = batch["index"].numpy()
-        x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         with autocast(device, dtype):
             out = model(x)
