@@ -104,7 +104,7 @@ def cmd_test(args) -> int:
         data = DataSource(root, category, args.layout if args.layout != "auto" else saved.get("layout", "auto"))
     result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
                           progress=not args.no_progress, fpr=args.fpr, report=not args.no_report,
-                          backend=args.backend)
+                          backend=args.backend, compile=args.compile)
     result.pop("_outputs")
     print(json.dumps(result, indent=2) if args.json else metrics_table(result))
     return 0
@@ -116,7 +116,7 @@ def cmd_predict(args) -> int:
     return run_predict(args.run, args.input, args.out, threshold=args.threshold,
                        pixel_threshold=args.pixel_threshold, batch_size=args.batch_size, device=args.device,
                        precision=args.precision, overwrite=args.overwrite, progress=not args.no_progress,
-                       backend=args.backend)
+                       backend=args.backend, compile=args.compile)
 
 
 def cmd_export(args) -> int:
@@ -139,7 +139,7 @@ def cmd_serve(args) -> int:
 
     return serve(args.run, host=args.host, port=args.port, device=args.device, precision=args.precision,
                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_bytes=args.max_mb * 1024 * 1024,
-                 backend=args.backend)
+                 backend=args.backend, compile=args.compile)
 
 
 def cmd_evaluate(args) -> int:
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images (file, folder or glob): overlays, masks, CSV, JSON")
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)")
@@ -279,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=int, default=20, help="largest accepted upload, in MiB")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="metrics of any method's outputs saved as .npz")

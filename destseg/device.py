@@ -75,3 +75,36 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cpu":
         return 0 if cpus <= 2 else min(4, cpus // 4)  # on a small CPU a worker steals compute threads
     return min(8, cpus)
+
+
+class CompiledModel:
+    """``torch.compile`` (inductor) around an inference model, falling back to eager with one warning line
+    when compilation fails (no compiler, an unsupported operation...). The first call compiles."""
+
+    def __init__(self, model):
+        self.eager, self.failed = model, False
+        self.compiled = torch.compile(model)
+
+    def __getattr__(self, name):
+        return getattr(self.eager, name)
+
+    def __call__(self, x):
+        if not self.failed:
+            try:
+                return self.compiled(x)
+            except Exception as exc:  # any compiler failure: keep serving, eagerly
+                import sys
+
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                print(f"destseg: warning: torch.compile failed ({type(exc).__name__}: {first}); running eagerly",
+                      file=sys.stderr)
+                self.failed = True
+        return self.eager(x)
+
+
+def should_compile(choice: str, device: torch.device) -> bool:
+    """``auto`` compiles on CUDA, where it pays (docs/BENCHMARKS.md); on a CPU the compile time (minutes on
+    2 cores) outweighs the gain for a test split, so ``on`` is needed there."""
+    if choice not in ("auto", "on", "off"):
+        raise DestsegError(f"--compile must be auto, on or off (got {choice!r})")
+    return choice == "on" or (choice == "auto" and device.type == "cuda")

@@ -19,7 +19,7 @@ from destseg.errors import DestsegError
 from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table
 from destseg.models.backbones import backbone_spec
 from destseg.data.datasets import DataSource
-from destseg.device import autocast, autocast_dtype, default_workers, resolve_device
+from destseg.device import CompiledModel, autocast, autocast_dtype, default_workers, resolve_device, should_compile
 from destseg.thresholds import fpr_thresholds, read_thresholds, write_thresholds
 from destseg.train import load_model, read_run_config
 
@@ -68,9 +68,11 @@ def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, bat
     return TestOutputs(maps, scores, masks, labels, dest_maps, dest_scores, seconds)
 
 
-def load_inference_model(run_dir, device: str = "auto", precision: str = "auto", backend: str = "torch"):
+def load_inference_model(run_dir, device: str = "auto", precision: str = "auto", backend: str = "torch",
+                         compile: str = "auto"):
     """(model, checkpoint, device, autocast dtype, precision in words) for inference with ``backend``:
-    ``torch`` (batch norms folded, channels_last on CPU) or ``openvino`` (CPU, the run's cached IR)."""
+    ``torch`` (batch norms folded, channels_last on CPU; ``compile``: auto|on|off, see
+    :func:`destseg.device.should_compile`) or ``openvino`` (CPU, the run's cached IR)."""
     if backend == "openvino":
         from destseg.checkpoint import load_checkpoint
         from destseg.openvino_ir import OpenVINOModel, run_ir
@@ -87,12 +89,14 @@ def load_inference_model(run_dir, device: str = "auto", precision: str = "auto",
     model, ckpt = load_model(run_dir, str(dev))
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
+    if should_compile(compile, dev):
+        model = CompiledModel(model)
     return model, ckpt, dev, dtype, "fp32" if dtype is None else "bf16"
 
 
 def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
                  precision: str = "auto", batch_size: int = 16, progress: bool = True, fpr: float = 0.01,
-                 report: bool = False, backend: str = "torch") -> dict:
+                 report: bool = False, backend: str = "torch", compile: str = "auto") -> dict:
     """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json (and
     RUN/report.html with ``report``). Thresholds: F1-max on the test split, or, when it has no defect
     images, the (1 - fpr) quantile of the normal images' scores and pixels."""
@@ -105,7 +109,7 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
     index = data.scan()
     if not index.test:
         raise DestsegError(f"{index.name}: the test split has no images")
-    model, ckpt, dev, dtype, precision_used = load_inference_model(run_dir, device, precision, backend)
+    model, ckpt, dev, dtype, precision_used = load_inference_model(run_dir, device, precision, backend, compile)
     spec = backbone_spec(ckpt["config"]["teacher"])
     dataset = TestDataset(index.test, ckpt["config"]["image_size"], spec.mean, spec.std)
     t0 = time.perf_counter()
@@ -165,10 +169,12 @@ class Detector:
         self.std = torch.tensor(spec.std).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, run_dir, device: str = "cpu", precision: str = "auto", backend: str = "torch") -> "Detector":
-        """``backend``: ``torch``, or ``openvino`` (CPU; the run's IR is exported on first use)."""
+    def load(cls, run_dir, device: str = "cpu", precision: str = "auto", backend: str = "torch",
+             compile: str = "auto") -> "Detector":
+        """``backend``: ``torch``, or ``openvino`` (CPU; the run's IR is exported on first use);
+        ``compile``: auto (torch.compile on CUDA), on, off."""
         run_dir = Path(run_dir)
-        model, ckpt, dev, dtype, _ = load_inference_model(run_dir, device, precision, backend)
+        model, ckpt, dev, dtype, _ = load_inference_model(run_dir, device, precision, backend, compile)
         return cls(model, ckpt["config"], read_thresholds(run_dir), dev, dtype, ckpt["model"])
 
     def preprocess(self, images) -> torch.Tensor:

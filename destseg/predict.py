@@ -56,8 +56,8 @@ def _count(spec: str) -> int | None:
 def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | None = None,
                 pixel_threshold: float | None = None, batch_size: int = 16, device: str = "auto",
                 precision: str = "auto", overwrite: bool = False, progress: bool = True,
-                backend: str = "torch") -> int:
-    det = Detector.load(run_dir, device=device, precision=precision, backend=backend)
+                backend: str = "torch", compile: str = "auto") -> int:
+    det = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
     thresholds = det.thresholds or {}
     image_thr = threshold if threshold is not None else thresholds.get("image")
     pixel_thr = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel", image_thr)

@@ -224,7 +224,7 @@ async def _multipart_file(request, body: bytes) -> tuple[bytes | None, str]:
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", precision: str = "auto",
           max_batch: int = 16, max_wait_ms: float = 5.0, max_bytes: int = 20 * 1024 * 1024,
-          backend: str = "torch") -> int:
+          backend: str = "torch", compile: str = "auto") -> int:
     """Load the run once and serve it until interrupted."""
     import socket
 
@@ -245,7 +245,7 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "aut
             s.bind((host, port))
         except OSError as exc:
             raise DestsegError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
-    detector = Detector.load(run_dir, device=device, precision=precision, backend=backend)
+    detector = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
     app = create_app(detector, max_batch, max_wait_ms, max_bytes, run_name=str(run_dir))
     thr = (detector.thresholds or {}).get("image")
     print(f"destseg: serving {run_dir} on http://{host}:{port} (threshold "

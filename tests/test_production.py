@@ -236,3 +236,26 @@ def test_openvino_export_and_backend_match_pytorch(tiny_run, tmp_path):
     assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out",
                  str(tmp_path / "p"), "--backend", "openvino", "--no-progress"]) == 0
     assert main(["test", "--run", str(run), "--backend", "openvino", "--device", "cuda"]) == 2
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(tiny_run, monkeypatch, capsys):
+    import torch
+
+    from destseg.device import CompiledModel
+
+    def broken_compile(model):
+        def call(x):
+            raise RuntimeError("no C++ compiler found\nlong details")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    run, root = tiny_run
+    eager = Detector.load(run, precision="fp32", compile="off")
+    det = Detector.load(run, precision="fp32", compile="on")
+    assert isinstance(det.model, CompiledModel)
+    images = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)]
+    a, b = det.predict_batch(images), det.predict_batch(images)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed (RuntimeError: no C++ compiler found); running eagerly") == 1
+    assert np.allclose([p.score for p in a], [p.score for p in eager.predict_batch(images)])
+    assert [p.score for p in a] == [p.score for p in b]
