@@ -7,6 +7,7 @@ training state (e.g. STFPM's best weights).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -20,6 +21,15 @@ from destseg.errors import CheckpointError
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = {"format_version", "library_version", "model", "config", "step", "model_state"}
+
+
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path | str, write) -> None:

@@ -20,6 +20,15 @@ def _image_size(values: list[int] | None):
     return values[0] if len(values) == 1 else list(values)
 
 
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD layout, or VisA with split_csv)")
     p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
@@ -234,17 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="evaluate a run on its test split; writes RUN/metrics.json")
     p.add_argument("--run", required=True, type=Path)
     _add_data_args(p, required=False)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    _add_inference_args(p)
     p.add_argument("--fpr", type=float, default=0.01,
                    help="false-positive rate for thresholds when the test split has no defects")
     p.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images (file, folder or glob): overlays, masks, CSV, JSON")
@@ -254,14 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="image-score threshold (default: the run's)")
     p.add_argument("--pixel-threshold", type=float, help="mask threshold (default: the run's)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    _add_inference_args(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)")
@@ -276,15 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    _add_inference_args(p)
     p.add_argument("--max-batch", type=int, default=16, help="largest micro-batch of concurrent requests")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a micro-batch to fill")
     p.add_argument("--max-mb", type=int, default=20, help="largest accepted upload, in MiB")
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="metrics of any method's outputs saved as .npz")

@@ -8,7 +8,6 @@ of the official archive is always checked unless ``$DESTSEG_DTD_MD5`` names anot
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from destseg.checkpoint import file_digest
 from destseg.errors import DatasetError
 
 DTD_URL = "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
@@ -31,14 +31,6 @@ def cache_dir() -> Path:
         return Path(os.environ["DESTSEG_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "destseg"
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
@@ -74,7 +66,7 @@ def fetch_dtd(url: str | None = None, md5: str | None = None, progress: bool = T
                 f"cannot download DTD from {url} ({getattr(exc, 'reason', exc)}). Offline, download "
                 f"{DTD_URL} elsewhere and either set DESTSEG_DTD_URL=file:///path/to/dtd-r1.0.1.tar.gz or "
                 "unpack it and pass --texture-dir /path/to/dtd/images") from None
-        digest = _md5(archive)
+        digest = file_digest(archive, "md5")
         if digest != md5:
             raise DatasetError(f"{url}: MD5 {digest} does not match the expected {md5}; the download is "
                                "corrupt or not the DTD release, refusing to use it")

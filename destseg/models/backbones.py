@@ -6,7 +6,6 @@ state dicts load strictly. ``features(x)`` returns the three maps at strides 4, 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from destseg.checkpoint import file_digest
 from destseg.errors import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -117,16 +117,8 @@ RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_hash(path: Path, expected_prefix: str) -> None:
-    digest = sha256_of(path)
+    digest = file_digest(path)
     if not digest.startswith(expected_prefix):
         raise CheckpointError(
             f"{path}: sha256 {digest[:12]}... does not match the expected prefix {expected_prefix}; "
