@@ -29,9 +29,10 @@ from tqdm import tqdm
 from destseg import __version__
 from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset
-from destseg.data.datasets import CATEGORY_ROTATION
+from destseg.data.datasets import (
+    CATEGORY_ROTATION, DataSource, DatasetIndex, TestDataset, TestSample, seed_worker,
+)
 from destseg.data.device_synthesis import DeviceAugment, texture_bank
-from destseg.data.datasets import DataSource, DatasetIndex, TestDataset, TestSample, seed_worker
 from destseg.dtd import resolve_texture_dir
 from destseg.device import autocast, autocast_dtype, default_workers, prepare_model, resolve_device, to_device
 from destseg.errors import DestsegError
@@ -244,8 +245,11 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         train_paths, threshold_paths = _split_validation(train_paths, options.threshold_holdout, options.seed + 1)
     category = data.category if data else index.name.split("/")[-1]
     rotation, rotation_why = resolve_rotation(category, config, options)
-    texture_dir = resolve_texture_dir(options.texture_dir, progress=options.progress and dist_info.main)
-    synthesis = any(s.needs_synthesis for s in model.stages(len(train_paths)))
+    stages = model.stages(len(train_paths))
+    synthesis = any(s.needs_synthesis for s in stages)
+    texture_dir = resolve_texture_dir(options.texture_dir, progress=options.progress and dist_info.main) \
+        if synthesis else None
+    on_device = synthesis_on_device(options.synthesis, device)
     if not synthesis:
         anomaly_source = "none (this model trains on normal images only)"
     elif texture_dir:
@@ -254,8 +258,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         anomaly_source = ("WARNING: built-in procedural textures (the offline fallback; the paper uses DTD: "
                           "--texture-dir dtd downloads it once, or pass a folder of texture images)")
     resolved = {"rotation": rotation, "rotation_source": rotation_why, "anomaly_source": anomaly_source,
-                "synthesis": "batched on " + device.type if synthesis_on_device(options.synthesis, device)
-                else "per sample on the CPU (NumPy)",
+                "synthesis": "batched on " + device.type if on_device else "per sample on the CPU (NumPy)",
                 "train_images": len(train_paths),
                 "threshold_images": len(threshold_paths) or len(train_paths),
                 "threshold_images_source": "held out of training" if threshold_paths else
@@ -271,8 +274,6 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
             log_file_header = {"resolved": resolved, "schedule": options.schedule}
             with open(run_dir / "train.log", "a") as f:
                 f.write(json.dumps(log_file_header) + "\n")
-    stages = model.stages(len(train_paths))
-    on_device = synthesis_on_device(options.synthesis, device)
     augment = None
     if on_device:
         textures = texture_bank(config.image_size, texture_dir, seed=options.seed) if synthesis else None
@@ -456,8 +457,7 @@ def check_options(o: TrainOptions) -> TrainOptions:
 
 
 def synthesis_on_device(choice: str, device: torch.device) -> bool:
-    if choice not in ("auto", "cpu", "device"):
-        raise DestsegError(f"--synthesis must be auto, cpu or device (got {choice!r})")
+    """--synthesis (checked in :func:`check_options`): device, or auto on CUDA."""
     return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
