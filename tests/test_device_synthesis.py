@@ -48,7 +48,6 @@ def test_mask_coverage_and_blend_factors_match_the_numpy_path(black_texture):
         inside = m.any(dim=(1, 2))
         assert torch.allclose(torch.tensor(betas[-1])[inside].float(), out["beta"][inside], atol=1e-5)
     gpu = stats(np.concatenate(masks), np.concatenate(betas))
-    print(cpu, gpu)
     assert 0.02 < cpu["cover_mean"] < 0.5  # a meaningful amount of anomaly to compare
     assert abs(gpu["cover_mean"] / cpu["cover_mean"] - 1) < 0.2, (cpu, gpu)
     assert abs(gpu["cover_std"] / cpu["cover_std"] - 1) < 0.2, (cpu, gpu)
