@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texture-dir", help="anomaly source images: a folder (DTD layout or flat), or dtd to download "
                                          "the DTD release once into the cache (the paper's source); default: a "
                                          "built-in procedural generator (offline fallback, flagged in the run)")
-    p.add_argument("--rotation", choices=["none", "small", "rot90"], help="default: the category's SPEC setting")
+    p.add_argument("--rotation", choices=["none", "small", "rot90"],
+                   help="train-time rotation; default: the category's SPEC setting (none for STFPM and for a "
+                        "category the library does not know)")
     p.add_argument("--no-denoising", action="store_true", help="ablation: student sees clean images")
     p.add_argument("--identical-student", action="store_true", help="ablation: student = teacher architecture")
     p.add_argument("--no-segmentation", action="store_true", help="ablation: DeST product map, no seg. network")
