@@ -436,7 +436,8 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
 
 def check_options(o: TrainOptions) -> TrainOptions:
     """Refuse option values that cannot work, naming the flag."""
-    rules = [("threshold_holdout", 0 <= o.threshold_holdout <= 0.5, "in [0, 0.5]"),
+    rules = [("seed", isinstance(o.seed, int) and 0 <= o.seed < 2**32, "an integer in [0, 2^32)"),
+             ("threshold_holdout", 0 <= o.threshold_holdout <= 0.5, "in [0, 0.5]"),
              ("threshold_fpr", 0 < o.threshold_fpr < 1, "in (0, 1)"),
              ("checkpoint_every", o.checkpoint_every >= 1, "at least 1"),
              ("log_every", o.log_every >= 1, "at least 1"),

@@ -109,6 +109,7 @@ def test_fuzzed_argv_never_ends_in_a_traceback(world, no_work, tmp_path):
     (["train", "--data", "{root}", "--category", "widget", "--out", "{out}", "--model", "stfpm", "--epochs", "0"],
      "--epochs must be at least 1"),
     (["train", "--data", "{root}", "--category", "widget", "--out", "{out}", "--device", "gpu"], "--device 'gpu'"),
+    (["train", "--data", "{root}", "--category", "widget", "--out", "{out}", "--seed", "-3"], "--seed must be"),
     (["train", "--data", "{root}", "--category", "widget", "--out", "{out}", "--texture-dir", "{missing}"], "--texture-dir"),
     (["train", "--data", "{missing}", "--category", "widget", "--out", "{out}"], "dataset root not found"),
     (["train", "--data", "{root}", "--category", "nope", "--out", "{out}"], "category 'nope' not found"),
