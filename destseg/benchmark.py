@@ -210,6 +210,8 @@ def run_benchmark(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.seeds < 1:
+        raise DestsegError(f"--seeds must be at least 1 (got {args.seeds})")
     roots = parse_roots(args.data)
     places = locate_categories(roots, args.categories)
     models = [m.strip() for m in args.models.split(",")]
