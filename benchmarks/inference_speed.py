@@ -22,15 +22,7 @@ import torch
 from destseg.data.images import hw
 from destseg.device import autocast
 from destseg.infer import evaluate_run, load_inference_model
-
-
-def throughput(fn, x, warmup: int = 2, iters: int = 5) -> float:
-    for _ in range(warmup):
-        fn(x)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn(x)
-    return x.shape[0] * iters / (time.perf_counter() - t0)
+from speed import images_per_s  # benchmarks/speed.py, beside this script
 
 
 def main() -> None:
@@ -66,7 +58,7 @@ def main() -> None:
                 if model.failed:
                     engine += " (failed: eager)"
             setup = time.perf_counter() - t0
-            speed = throughput(call, x)
+            speed = images_per_s(lambda: call(x), x.shape[0], warmup=2, iters=5)
             e2e = "-"
             if engine != "torch.compile":  # the end-to-end path has no compile switch (see BENCHMARKS.md)
                 with tempfile.TemporaryDirectory() as tmp:  # a copy: the run's own metrics stay as they are

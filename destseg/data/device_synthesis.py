@@ -118,6 +118,6 @@ class DeviceAugment:
             aug = x * (1 - mask) + (1 - beta) * source * mask + beta * x * mask
             out.update(augmented=(aug - self.mean) / self.std, mask=mask, beta=beta.view(n))
         for k in ("image", "augmented"):
-            if k in out and self.device.type in ("cuda", "cpu"):
+            if k in out:
                 out[k] = out[k].contiguous(memory_format=torch.channels_last)
         return out
