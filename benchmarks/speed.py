@@ -1,5 +1,5 @@
 """Throughput of DeSTSeg at 256x256: stage-1 training, stage-2 training and inference, fp32 vs bf16
-(autocast + channels_last), plus the time of a category-sized metric evaluation.
+(autocast + channels_last). The metrics are timed by benchmarks/metrics_speed.py.
 
     .venv/bin/python benchmarks/speed.py [--teacher resnet18] [--batch-size 16] [--threads 2]
 
@@ -12,10 +12,8 @@ import argparse
 import platform
 import time
 
-import numpy as np
 import torch
 
-from destseg.metrics import evaluate
 from destseg.models import build_model, model_config
 from destseg.models.common import fold_batchnorm
 from destseg.train import autocast, prepare_model
@@ -65,20 +63,6 @@ def bench_model(teacher: str, batch_size: int, dtype, warmup: int, iters: int) -
     return results
 
 
-def bench_metrics(n: int = 150, size: int = 256) -> float:
-    rng = np.random.default_rng(0)
-    maps = rng.random((n, size, size), dtype=np.float32)
-    masks = np.zeros((n, size, size), bool)
-    for i in range(n // 2):
-        y, x = rng.integers(0, size - 40, 2)
-        masks[i, y:y + 30, x:x + 25] = True
-    maps[masks] += 0.3
-    labels = masks.reshape(n, -1).any(1)
-    t0 = time.perf_counter()
-    evaluate(maps, masks, labels)
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", nargs="+", default=["resnet18", "efficientnet_lite0"])
@@ -97,7 +81,6 @@ def main() -> None:
             r = bench_model(teacher, args.batch_size, dtype, args.warmup, args.iters)
             print(f"| {teacher} | {name} | {r['train_student']:.1f} | {r['train_segmentation']:.1f} | "
                   f"{r['inference']:.1f} |", flush=True)
-    print(f"\nmetrics (150 x 256 x 256 maps, all six): {bench_metrics():.2f} s")
 
 
 if __name__ == "__main__":

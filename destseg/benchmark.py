@@ -109,18 +109,24 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
     return {"run": job.name, "dataset": job.dataset, "category": job.category, "model": job.model, "seed": job.seed,
             **{k: metrics[k] for k in METRICS}, "train_minutes": ckpt.get("elapsed_s", 0) / 60,
             "inference_images_per_s": metrics["images_per_s"], "train_peak_mib": info.get("train_peak_mib"),
+            "train_peak_gpu_mib": ckpt.get("peak_gpu_mib"),
             "teacher": ckpt["teacher"], "steps": ckpt["step"], "precision": metrics["precision"]}
 
 
 def results_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results ({meta['schedule']} schedule)", "",
              f"destseg {meta['library_version']}, {meta['hardware']}, torch {meta['torch']}.", "",
-             "| run | teacher | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min | infer img/s | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | teacher | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min | infer img/s "
+             "| peak RSS MiB | peak GPU MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def mib(v):
+        return f"{v:.0f}" if v else "-"
+
     for r in rows:
         lines.append(f"| {r['run']} | {r['teacher']} | " + " | ".join(f"{100 * r[k]:.1f}" for k in METRICS)
                      + f" | {r['train_minutes']:.1f} | {r['inference_images_per_s']:.1f} | "
-                     + (f"{r['train_peak_mib']:.0f} |" if r["train_peak_mib"] else "- |"))
+                     + f"{mib(r['train_peak_mib'])} | {mib(r.get('train_peak_gpu_mib'))} |")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["category"], r["model"]), []).append(r)

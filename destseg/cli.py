@@ -29,6 +29,12 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
 
 
+def _add_workers_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=int, default=-1, metavar="N",
+                   help=f"{what}; -1 (default): 2 on a small CPU, up to 8 with a GPU; 0: all on the main "
+                        "process")
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD layout, or VisA with split_csv)")
     p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
@@ -113,7 +119,7 @@ def cmd_test(args) -> int:
         data = DataSource(root, category, args.layout if args.layout != "auto" else saved.get("layout", "auto"))
     result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
                           progress=not args.no_progress, fpr=args.fpr, report=not args.no_report,
-                          backend=args.backend, compile=args.compile)
+                          backend=args.backend, compile=args.compile, workers=args.workers)
     result.pop("_outputs")
     print(json.dumps(result, indent=2) if args.json else metrics_table(result))
     return 0
@@ -125,7 +131,7 @@ def cmd_predict(args) -> int:
     return run_predict(args.run, args.input, args.out, threshold=args.threshold,
                        pixel_threshold=args.pixel_threshold, batch_size=args.batch_size, device=args.device,
                        precision=args.precision, overwrite=args.overwrite, progress=not args.no_progress,
-                       backend=args.backend, compile=args.compile)
+                       backend=args.backend, compile=args.compile, workers=args.workers)
 
 
 def cmd_export(args) -> int:
@@ -249,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=0.01,
                    help="false-positive rate for thresholds when the test split has no defects")
     p.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
+    _add_workers_arg(p, "DataLoader worker processes that read, decode and resize the test images")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_test)
@@ -261,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-threshold", type=float, help="mask threshold (default: the run's)")
     p.add_argument("--batch-size", type=int, default=16)
     _add_inference_args(p)
+    _add_workers_arg(p, "threads that read, decode and resize the images and write the PNGs")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)

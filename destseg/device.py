@@ -77,6 +77,12 @@ def default_workers(device: torch.device) -> int:
     return min(8, cpus)
 
 
+def io_workers(device: torch.device) -> int:
+    """Workers that read and decode images for ``test`` and ``predict``: at least 2, since decoding and PNG
+    writing overlap the model even on a 2-core CPU (+10-35% measured, docs/BENCHMARKS.md)."""
+    return max(2, default_workers(device))
+
+
 class CompiledModel:
     """``torch.compile`` (inductor) around an inference model, falling back to eager with one warning line
     when compilation fails (no compiler, an unsupported operation...). The first call compiles."""

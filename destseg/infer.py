@@ -16,10 +16,10 @@ from destseg.checkpoint import atomic_write_text
 from destseg.data.datasets import TestDataset
 from destseg.data.images import hw, resize_rgb, to_rgb
 from destseg.errors import DestsegError
-from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table
+from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table, pixel_ranking
 from destseg.models.backbones import backbone_spec
 from destseg.data.datasets import DataSource
-from destseg.device import CompiledModel, autocast, autocast_dtype, default_workers, resolve_device, should_compile
+from destseg.device import CompiledModel, autocast, autocast_dtype, io_workers, resolve_device, should_compile
 from destseg.thresholds import fpr_thresholds, read_thresholds, write_thresholds
 from destseg.train import load_model, read_run_config
 
@@ -38,9 +38,9 @@ class TestOutputs:
 @torch.no_grad()
 def run_test_split(model, dataset: TestDataset, device: torch.device, dtype, batch_size: int = 16,
                    progress: bool = True, num_workers: int = -1) -> TestOutputs:
-    """Maps and scores of a test split. Reading, decoding and resizing run in DataLoader workers where the
-    machine has cores to spare (none on a 2-core CPU, where they would take the model's threads)."""
-    workers = default_workers(device) if num_workers < 0 else num_workers
+    """Maps and scores of a test split. Reading, decoding and resizing run in DataLoader workers
+    (``num_workers`` -1: :func:`destseg.device.io_workers`)."""
+    workers = io_workers(device) if num_workers < 0 else num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     n, (h, w) = len(dataset), hw(dataset.size)
@@ -96,11 +96,14 @@ def load_inference_model(run_dir, device: str = "auto", precision: str = "auto",
 
 def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
                  precision: str = "auto", batch_size: int = 16, progress: bool = True, fpr: float = 0.01,
-                 report: bool = False, backend: str = "torch", compile: str = "auto") -> dict:
+                 report: bool = False, backend: str = "torch", compile: str = "auto", workers: int = -1) -> dict:
     """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json (and
     RUN/report.html with ``report``). Thresholds: F1-max on the test split, or, when it has no defect
-    images, the (1 - fpr) quantile of the normal images' scores and pixels."""
+    images, the (1 - fpr) quantile of the normal images' scores and pixels. ``workers``: DataLoader
+    workers (-1: :func:`destseg.device.io_workers`)."""
     run_dir = Path(run_dir)
+    if workers < -1:
+        raise DestsegError(f"--workers must be -1 (automatic) or more (got {workers})")
     saved = read_run_config(run_dir)
     if data is None:
         if not saved.get("data"):
@@ -113,19 +116,23 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
     spec = backbone_spec(ckpt["config"]["teacher"])
     dataset = TestDataset(index.test, ckpt["config"]["image_size"], spec.mean, spec.std)
     t0 = time.perf_counter()
-    out = run_test_split(model, dataset, dev, dtype, batch_size, progress)
+    out = run_test_split(model, dataset, dev, dtype, batch_size, progress, workers)
     wall = time.perf_counter() - t0
     result = {"model": ckpt["model"], "teacher": ckpt["teacher"], "step": ckpt["step"],
               "n_test": len(dataset), "backend": backend, "precision": precision_used, "device": str(dev),
               "images_per_s": len(dataset) / max(wall, 1e-9),  # end to end: reading, decoding, resizing too
               "model_images_per_s": len(dataset) / max(out.seconds, 1e-9)}
     if out.labels.any() and out.masks.any():
-        result.update(evaluate(out.maps, out.masks, out.labels, out.scores))
+        t1 = time.perf_counter()
+        ranking = pixel_ranking(out.maps, out.masks)  # one sort of all pixels: the metrics and the threshold
+        result.update(evaluate(out.maps, out.masks, out.labels, out.scores, ranking))
         if out.dest_maps is not None and ckpt["config"].get("segmentation", True):
             dest = evaluate(out.dest_maps, out.masks, out.labels, out.dest_scores)
             result.update({f"dest_{k}": v for k, v in dest.items()})
         image_thr, image_f1 = f1_max_threshold(out.scores, out.labels)
-        pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel())
+        pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel(), ranking)
+        del ranking
+        result["metrics_s"] = time.perf_counter() - t1
         thresholds = {"image": image_thr, "pixel": pixel_thr, "image_f1": image_f1, "pixel_f1": pixel_f1,
                       "source": "test_split", "method": "f1-max on the labelled test split"}
     else:
@@ -190,7 +197,10 @@ class Detector:
 
     @torch.no_grad()
     def predict_batch(self, images, threshold: float | None = None) -> list[Prediction]:
-        x = self.preprocess(images).to(self.device)
+        x = self.preprocess(images)
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
         with autocast(self.device, self.dtype):
             out = self.model(x)
         maps = out["map"].float().cpu().numpy()

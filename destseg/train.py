@@ -318,6 +318,8 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
             "elapsed_s": time.time() - t_start, "model_state": state,
             "optimizer_state": None if finished else optimizer.state_dict(), "best": best,
             "time_budget_cuts": cuts,
+            # peak of this process (since a resume, after one), for the benchmark's table
+            "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         })
 
     try:
@@ -369,30 +371,37 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                     (loss * loss_scale).backward()
                     optimizer.step()
                     step += 1
-                    value = float(loss.detach())
-                    if dist_info.active:  # log the global loss
-                        total = _all_reduce([value], dist_info)[0]
-                        value = total if stage.extra.get("batch_sum") else total / dist_info.world_size
-                    if not math.isfinite(value):
-                        raise DestsegError(f"loss became {value} at step {step} ({stage.name}); "
-                                           "try a lower learning rate or --precision fp32")
-                    loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_avg:.4f}")
-                    if step % options.log_every == 0 or step == offset + stage.steps:
+                    # Reading the loss waits for the device: on a GPU only at the steps that need it (log,
+                    # checkpoint, validation, stop), so that the next batch is queued while this one computes.
+                    # Non-finite weights keep the loss non-finite, so it is still caught before any checkpoint.
+                    log_now = step % options.log_every == 0 or step == offset + stage.steps
+                    stop_now = stop.signum is not None
+                    if dist_info.active:  # all ranks stop at the same step when any was signalled
+                        stop_now = _all_reduce([float(stop_now)], dist_info)[0] > 0
+                    validate_now = bool(validate_every) and val_loader is not None and (step - offset) % validate_every == 0
+                    if (device.type == "cpu" or log_now or stop_now or validate_now or stage_deadline is not None
+                            or step % options.checkpoint_every == 0):
+                        value = float(loss.detach())
+                        if dist_info.active:  # log the global loss
+                            total = _all_reduce([value], dist_info)[0]
+                            value = total if stage.extra.get("batch_sum") else total / dist_info.world_size
+                        if not math.isfinite(value):
+                            raise DestsegError(f"loss became {value} by step {step} ({stage.name}); "
+                                               "try a lower learning rate or --precision fp32")
+                        loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
+                        bar.set_postfix(loss=f"{loss_avg:.4f}")
+                    if log_now:
                         log_file.write(json.dumps({"step": step, "stage": stage.name, "loss": value,
                                                    "time_s": round(time.time() - t_start, 2)}) + "\n")
                         log_file.flush()
-                    if validate_every and val_loader is not None and (step - offset) % validate_every == 0:
+                    if validate_now:
                         value = mean_map(model, val_loader, device, dtype)
                         model.eval()
                         for m in stage.train_modules:
                             m.train()
                         if best is None or value < best["value"]:
                             best = {"value": value, "step": step, "model_state": model_state()}
-                    stop_now = stop.signum is not None
-                    if dist_info.active:  # all ranks stop at the same step when any was signalled
-                        stop_now = _all_reduce([float(stop_now)], dist_info)[0] > 0
                     if stop_now:
                         checkpoint(stage.name, optimizer)
                         raise TrainingInterrupted(

@@ -105,6 +105,44 @@ def test_iap_matches_direct_implementation(seed):
     assert iap90 == pytest.approx(ref_iap90, abs=1e-12)
 
 
+def test_packed_float32_ranking_equals_argsort():
+    """The one-sort path for float32 (value bits and id in a 64-bit key) orders exactly as an argsort:
+    negatives, both zeros, subnormals, huge values and ties included."""
+    rng = np.random.default_rng(3)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e30, -1e30, 1.0, -1.0], np.float32)
+    x = np.r_[rng.normal(size=5000).astype(np.float32), np.round(rng.normal(size=5000), 1).astype(np.float32),
+              special, special]
+    ids = rng.integers(0, 7, x.size)
+    packed, generic = metrics.rank(x, ids), metrics.rank(x.astype(np.float64), ids)
+    np.testing.assert_array_equal(packed.values, np.sort(x)[::-1])
+    np.testing.assert_array_equal(packed.values, generic.values)
+    np.testing.assert_array_equal(packed.last, generic.last)
+    # within a tie group the ids may come in any order, but each group holds the same ids
+    for a, b in ((0, packed.last[0] + 1), (packed.last[10] + 1, packed.last[11] + 1)):
+        assert sorted(packed.ids[a:b]) == sorted(generic.ids[a:b])
+    targets = ids > 3
+    assert metrics.auroc(x, targets) == pytest.approx(roc_auc_score(targets, x), abs=1e-12)
+    assert metrics.average_precision(x, targets) == pytest.approx(average_precision_score(targets, x), abs=1e-12)
+
+
+def test_regions_do_not_connect_across_images():
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, 2:5, 2:5] = masks[1, 2:5, 2:5] = True  # the same place in two images: two regions
+    masks[2, 0, 0] = masks[2, 1, 1] = True  # diagonal neighbours: one region (8-connectivity)
+    masks[2, 6, 6] = True
+    labels, n = metrics.label_regions(masks)
+    assert n == 4
+    assert [len(np.unique(labels[i][masks[i]])) for i in range(3)] == [1, 1, 2]
+
+
+def test_shared_ranking_gives_the_same_results():
+    maps, masks, labels = fixture(8, n=8, size=32)
+    ranking = metrics.pixel_ranking(maps, masks)
+    assert metrics.evaluate(maps, masks, labels, ranking=ranking) == metrics.evaluate(maps, masks, labels)
+    assert metrics.f1_max_threshold(maps.ravel(), masks.ravel(), ranking) == \
+        metrics.f1_max_threshold(maps.ravel().astype(np.float64), masks.ravel())
+
+
 # -------------------------------------------------------------------------------------- hand-worked cases
 
 def test_perfect_map_scores_one():

@@ -92,6 +92,33 @@ def test_predict_folder_with_bad_files(tiny_run, tmp_path, capsys):
     assert main(["predict", "--run", str(run), "--input", str(inp), "--out", str(out), "--no-progress"]) == 2
 
 
+def test_predict_with_io_threads_matches_main_thread(tiny_run, tmp_path):
+    """Reading and PNG writing on a thread pool: same rows in the same order, same files, bad files still
+    skipped by name; results.json appears only once every PNG is written."""
+    run, root = tiny_run
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = sorted((root / "widget" / "test").rglob("*.png"))
+    for i in range(5):  # more images than a batch, a bad one in the middle
+        for j, p in enumerate(good):
+            (inp / f"{i}_{j}.png").write_bytes(p.read_bytes())
+    (inp / "2_bad.png").write_bytes(b"not a png")
+    outs = {}
+    for workers in ("0", "3"):
+        out = outs[workers] = tmp_path / f"out{workers}"
+        assert main(["predict", "--run", str(run), "--input", str(inp), "--out", str(out), "--batch-size", "3",
+                     "--workers", workers, "--device", "cpu", "--precision", "fp32", "--no-progress"]) == 1
+    a, b = (json.loads((outs[w] / "results.json").read_text()) for w in ("0", "3"))
+    assert [r["file"] for r in a["results"]] == [r["file"] for r in b["results"]]
+    assert len(a["results"]) == 5 * len(good) and [s["file"] for s in b["skipped"]] == [str(inp / "2_bad.png")]
+    for ra, rb in zip(a["results"], b["results"]):
+        assert ra["score"] == pytest.approx(rb["score"], rel=1e-5)
+        for key in ("overlay", "mask"):
+            assert np.array_equal(np.asarray(Image.open(outs["0"] / ra[key])), np.asarray(Image.open(outs["3"] / rb[key])))
+    assert main(["predict", "--run", str(run), "--input", str(inp), "--out", str(tmp_path / "x"), "--workers", "-2",
+                 "--no-progress"]) == 2
+
+
 def test_predict_glob_and_threshold_override(tiny_run, tmp_path):
     run, root = tiny_run
     out = tmp_path / "out"
