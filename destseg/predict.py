@@ -120,6 +120,7 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-io") if workers > 0 else None
     writes: deque = deque()  # PNG writes in flight, bounded like the reads
+    used: set[str] = set()  # output names given so far: none is written twice
     try:
         with open(csv_tmp, "w", newline="") as fcsv, open(json_tmp, "w") as fjson:
             writer = csv.writer(fcsv)
@@ -133,6 +134,9 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
                 for (path, img), pred in zip(batch, preds):
                     rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
                     stem = rel.with_suffix("")
+                    if str(stem) in used:  # a.png and a.jpg side by side: the second keeps its extension
+                        stem = rel
+                    used.add(str(stem))
                     over_path = out / "overlays" / f"{stem}.png"
                     mask_path = out / "masks" / f"{stem}.png"
                     over_path.parent.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,7 @@ def test_predict_with_io_threads_matches_main_thread(tiny_run, tmp_path):
         for j, p in enumerate(good):
             (inp / f"{i}_{j}.png").write_bytes(p.read_bytes())
     (inp / "2_bad.png").write_bytes(b"not a png")
+    (inp / "0_0.jpg").write_bytes(good[1].read_bytes())  # same stem as 0_0.png: must not overwrite its PNGs
     outs = {}
     for workers in ("0", "3"):
         out = outs[workers] = tmp_path / f"out{workers}"
@@ -110,7 +111,9 @@ def test_predict_with_io_threads_matches_main_thread(tiny_run, tmp_path):
                      "--workers", workers, "--device", "cpu", "--precision", "fp32", "--no-progress"]) == 1
     a, b = (json.loads((outs[w] / "results.json").read_text()) for w in ("0", "3"))
     assert [r["file"] for r in a["results"]] == [r["file"] for r in b["results"]]
-    assert len(a["results"]) == 5 * len(good) and [s["file"] for s in b["skipped"]] == [str(inp / "2_bad.png")]
+    assert len(a["results"]) == 5 * len(good) + 1 and [s["file"] for s in b["skipped"]] == [str(inp / "2_bad.png")]
+    overlays = [r["overlay"] for r in a["results"]]
+    assert len(set(overlays)) == len(overlays) and "overlays/0_0.png.png" in overlays  # 0_0.jpg came first
     for ra, rb in zip(a["results"], b["results"]):
         assert ra["score"] == pytest.approx(rb["score"], rel=1e-5)
         for key in ("overlay", "mask"):

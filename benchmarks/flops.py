@@ -1,0 +1,71 @@
+"""Arithmetic per image of each model: a training step of each stage (forward + backward) and inference,
+counted by torch.utils.flop_counter (convolutions and matrix products), at 256x256.
+
+    .venv/bin/python benchmarks/flops.py [--model destseg tesd stfpm] [--teacher efficientnet_lite0]
+        [--peak-gflops 190]
+
+With ``--peak-gflops`` (the machine's peak in the precision used), also the images/s that arithmetic alone
+would allow: the ceiling any engine can reach there. Weights are random; no download needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from destseg.device import prepare_model
+from destseg.models import build_model, model_config
+
+
+def count(model_name: str, teacher: str, n: int = 2) -> dict[str, float | None]:
+    """GFLOP per image: ``train_<stage>`` for each stage, and ``inference``. None where a trained module has
+    grouped convolutions: torch's counter (2.13) counts their backward ``groups`` times too high (a 64-channel
+    depthwise 3x3: 76.7 MFLOP backward for 1.2 MFLOP forward)."""
+    torch.manual_seed(0)
+    model = prepare_model(build_model(model_name, model_config(model_name, teacher=teacher), pretrained=False),
+                          torch.device("cpu"), None)
+    x = torch.randn(n, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+    batch = {"image": x, "augmented": x + 0.1 * torch.randn_like(x),
+             "mask": (torch.rand(n, 1, 256, 256) > 0.7).float()}
+    out = {}
+    for stage in model.stages(100):
+        model.eval()
+        for m in stage.train_modules:
+            m.train()
+        trainable = {id(p) for g in stage.param_groups for p in g["params"]}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        with FlopCounterMode(display=False) as fc:
+            model.training_loss(stage.name, batch).backward()
+        grouped = any(isinstance(c, torch.nn.Conv2d) and c.groups > 1 for m in stage.train_modules for c in m.modules())
+        out[f"train_{stage.name}"] = None if grouped else fc.get_total_flops() / n / 1e9
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    out["inference"] = fc.get_total_flops() / n / 1e9
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", nargs="+", default=["destseg", "tesd", "stfpm"])
+    p.add_argument("--teacher", default="efficientnet_lite0")
+    p.add_argument("--peak-gflops", type=float, default=None, help="machine peak, for the ceiling column")
+    args = p.parse_args()
+    print(f"teacher {args.teacher}, 256x256, GFLOP per image"
+          + (f"; ceiling at {args.peak_gflops:.0f} GFLOP/s" if args.peak_gflops else "") + "\n")
+    print("| model | part | GFLOP / image | ceiling img/s |")
+    print("|---|---|---|---|")
+    for name in args.model:
+        for part, g in count(name, args.teacher).items():
+            if g is None:
+                print(f"| {name} | {part} | n/a (grouped convolutions trained) | - |", flush=True)
+                continue
+            ceiling = f"{args.peak_gflops / g:.1f}" if args.peak_gflops else "-"
+            print(f"| {name} | {part} | {g:.1f} | {ceiling} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
