@@ -54,7 +54,7 @@ class Ranking:
     @cached_property
     def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cumulative (true positives, false positives, threshold) at each distinct threshold, descending."""
-        tps = np.cumsum(self.positive, dtype=np.int64)[self.last]
+        tps = np.cumsum(self.positive, dtype=np.int32 if self.ids.size < 2**31 else np.int64)[self.last]
         return tps, (self.last + 1) - tps, self.values[self.last]
 
     @cached_property
@@ -186,10 +186,12 @@ def pro(maps: np.ndarray, masks: np.ndarray, max_fpr: float = 0.3, ranking: Rank
         raise MetricError("PRO needs normal (mask 0) pixels")
     # Each pixel adds to the curve when the threshold passes it: a normal pixel 1/n_neg to FPR, a region
     # pixel 1/(size * n_regions) to PRO.
-    weight = np.r_[0.0, 1.0 / (sizes[1:] * n_regions)]
+    weight = 1.0 / (sizes * n_regions)
     tps, fps, _ = ranking.counts
     fpr = np.r_[0, fps / n_neg]
-    overlap = np.r_[0, np.cumsum(weight[ranking.ids])[ranking.last]]
+    # The region pixels' weights in ranking order, summed up to each threshold's tps-th region pixel.
+    cum = np.r_[0.0, np.cumsum(weight[ranking.ids[ranking.positive]])]
+    overlap = np.r_[0, cum[tps]]
     cut = int(np.searchsorted(fpr, max_fpr, side="left"))
     if cut < fpr.size:  # interpolate the point at exactly max_fpr
         f0, f1, p0, p1 = fpr[cut - 1], fpr[cut], overlap[cut - 1], overlap[cut]
