@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from destseg.benchmark import hardware
+from destseg.checkpoint import load_checkpoint
+
 
 class Utilisation:
     """Samples GPU busy %, GPU memory (nvidia-smi) and CPU busy % (/proc/stat) every ``period`` s."""
@@ -125,16 +128,14 @@ def main() -> None:
     log = args.out / "log.txt"
     py = [sys.executable, "-m", "destseg"]
     run_dir = args.out / "run"
-    summary: dict = {"command": " ".join(sys.argv), "device": device_name()}
+    summary: dict = {"command": " ".join(sys.argv), "device": hardware()}
 
     cmd = py + ["train", "--data", args.data, "--category", args.category, "--model", args.model,
                 "--teacher", args.teacher, "--schedule", args.schedule, "--seed", str(args.seed),
                 "--out", str(run_dir), "--overwrite", "--no-progress"]
     cmd += (["--texture-dir", args.texture_dir] if args.texture_dir else []) + extra
     _, wall, util = run(cmd, log)
-    import torch
-
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     summary["train"] = {"wall_s": round(wall, 1), "train_s": round(ckpt.get("elapsed_s", 0), 1),
                         "steps": ckpt["step"], "images_per_s_by_stage": stage_speeds(run_dir),
                         "peak_gpu_mib": ckpt.get("peak_gpu_mib"), **util}
@@ -164,17 +165,6 @@ def main() -> None:
     md = markdown(summary)
     (args.out / "summary.md").write_text(md)
     print(md)
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import os
-    import platform
-
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def markdown(s: dict) -> str:

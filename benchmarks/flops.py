@@ -31,12 +31,8 @@ def count(model_name: str, teacher: str, n: int = 2) -> dict[str, float | None]:
              "mask": (torch.rand(n, 1, 256, 256) > 0.7).float()}
     out = {}
     for stage in model.stages(100):
-        model.eval()
-        for m in stage.train_modules:
-            m.train()
-        trainable = {id(p) for g in stage.param_groups for p in g["params"]}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable)
+        stage.freeze_others(model)
+        stage.train_mode(model)
         with FlopCounterMode(display=False) as fc:
             model.training_loss(stage.name, batch).backward()
         grouped = any(isinstance(c, torch.nn.Conv2d) and c.groups > 1 for m in stage.train_modules for c in m.modules())

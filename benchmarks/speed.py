@@ -39,9 +39,7 @@ def bench_model(teacher: str, batch_size: int, dtype, warmup: int, iters: int) -
     results = {}
     for stage in model.stages(100):
         opt = torch.optim.SGD(stage.param_groups, lr=1e-3, momentum=0.9)
-        model.eval()
-        for m in stage.train_modules:
-            m.train()
+        stage.train_mode(model)
 
         def step():
             with autocast(device, dtype):

@@ -104,33 +104,38 @@ def _targets_ranking(scores, targets, ranking: Ranking | None):
     return targets, ranking if ranking is not None else rank(scores, targets)
 
 
+def _roc(ranking: Ranking):
+    tps, fps, _ = ranking.counts  # the last counts are the totals of positives and negatives
+    return np.r_[0, fps] / fps[-1], np.r_[0, tps] / tps[-1]
+
+
+def _precision_recall(ranking: Ranking):
+    tps, fps, thresholds = ranking.counts
+    if tps[-1] == 0:
+        raise MetricError("precision/recall need at least one positive sample")
+    return tps / (tps + fps), tps / tps[-1], thresholds
+
+
 def auroc(scores: np.ndarray, targets: np.ndarray, ranking: Ranking | None = None) -> float:
     """Area under the ROC curve (trapezoid over distinct thresholds, as scikit-learn)."""
-    targets, ranking = _targets_ranking(scores, targets, ranking)
-    n_pos = int(targets.sum())
-    n_neg = targets.size - n_pos
+    _, ranking = _targets_ranking(scores, targets, ranking)
+    tps, fps, _ = ranking.counts
+    n_pos, n_neg = int(tps[-1]), int(fps[-1])
     if n_pos == 0 or n_neg == 0:
         raise MetricError("AUROC needs both positive and negative samples "
                           f"(got {n_pos} positive, {n_neg} negative)")
-    fpr, tpr = roc_curve(scores, targets, ranking)
+    fpr, tpr = _roc(ranking)
     return float(np.trapezoid(tpr, fpr))
 
 
 def roc_curve(scores: np.ndarray, targets: np.ndarray, ranking: Ranking | None = None):
     """(fpr, tpr) from (0, 0) through each distinct threshold, thresholds descending."""
-    targets, ranking = _targets_ranking(scores, targets, ranking)
-    tps, fps, _ = ranking.counts
-    return np.r_[0, fps] / (targets.size - targets.sum()), np.r_[0, tps] / targets.sum()
+    return _roc(_targets_ranking(scores, targets, ranking)[1])
 
 
 def precision_recall(scores: np.ndarray, targets: np.ndarray, ranking: Ranking | None = None):
     """(precision, recall, thresholds) at each distinct threshold, thresholds descending."""
-    targets, ranking = _targets_ranking(scores, targets, ranking)
-    n_pos = int(targets.sum())
-    if n_pos == 0:
-        raise MetricError("precision/recall need at least one positive sample")
-    tps, fps, thresholds = ranking.counts
-    return tps / (tps + fps), tps / n_pos, thresholds
+    return _precision_recall(_targets_ranking(scores, targets, ranking)[1])
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray, ranking: Ranking | None = None) -> float:

@@ -330,9 +330,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                     offset += stage.steps
                     continue
                 local_start = step - offset
-                trainable = {id(p) for g in stage.param_groups for p in g["params"]}
-                for p in model.parameters():
-                    p.requires_grad_(id(p) in trainable)
+                stage.freeze_others(model)
                 optimizer = torch.optim.SGD(stage.param_groups, lr=stage.param_groups[0]["lr"],
                                             momentum=config.momentum, weight_decay=config.weight_decay)
                 if ckpt is not None and ckpt.get("stage") == stage.name and ckpt.get("optimizer_state"):
@@ -351,9 +349,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                 loader = torch.utils.data.DataLoader(
                     train_ds, batch_sampler=sampler, num_workers=train_workers, worker_init_fn=seed_worker,
                     persistent_workers=False, pin_memory=device.type == "cuda")
-                model.eval()
-                for m in stage.train_modules:
-                    m.train()
+                stage.train_mode(model)
                 validate_every = stage.extra.get("validate_every")
                 bar.set_description(f"{model_name}:{stage.name}")
                 loss_avg = None
@@ -397,9 +393,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                         log_file.flush()
                     if validate_now:
                         value = mean_map(model, val_loader, device, dtype)
-                        model.eval()
-                        for m in stage.train_modules:
-                            m.train()
+                        stage.train_mode(model)
                         if best is None or value < best["value"]:
                             best = {"value": value, "step": step, "model_state": model_state()}
                     if stop_now:

@@ -159,6 +159,18 @@ class Stage:
     needs_synthesis: bool = True
     extra: dict = field(default_factory=dict)
 
+    def freeze_others(self, model: nn.Module) -> None:
+        """Only this stage's parameters take gradients."""
+        trainable = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Training mode for the modules this stage trains, eval mode (fixed BatchNorm statistics) elsewhere."""
+        model.eval()
+        for m in self.train_modules:
+            m.train()
+
 
 class SegmentationGuidedModel(nn.Module):
     """Teacher + denoising student + segmentation network, trained in two stages (SPEC "DeSTSeg").
