@@ -1,13 +1,15 @@
-"""STFPM ablation: train with one of the fixed Lite0-student defects put back, then test.
+"""STFPM ablation: train with fixed Lite0-student defects put back, then test.
 
     .venv/bin/python benchmarks/stfpm_ablation.py --variant bn-momentum-0.01 -- \
         --data ../shared/data/mvtec --category bottle --teacher efficientnet_lite0 --schedule cpu --out runs/X
 
-Variants (everything after ``--`` goes to ``destseg train``; ``destseg test`` follows):
+Variants (repeat ``--variant`` to combine; everything after ``--`` goes to ``destseg train``; ``destseg test``
+follows):
 - ``bn-momentum-0.01``: the student's BatchNorms use TensorFlow's momentum 0.01 (the defect before the fix).
 - ``ungrouped-init``: Kaiming init ignores ``groups`` (depthwise kernels ~sqrt(C) times too small).
 The other candidates have flags: ``--rotation rot90`` (augmentation), ``--batch-reduction sum
---weight-decay 1e-3`` (anomalib's update size), ``--val-split 0`` (no hold-out, last weights).
+--weight-decay 1e-3`` (anomalib's update size), ``--val-split 0`` (no hold-out, last weights). The
+configuration before the fixes: ``--variant bn-momentum-0.01 --variant ungrouped-init -- --rotation rot90 ...``.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ def legacy_kaiming_init(module: nn.Module) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", required=True, choices=["bn-momentum-0.01", "ungrouped-init"])
+    ap.add_argument("--variant", required=True, action="append", choices=["bn-momentum-0.01", "ungrouped-init"])
     ap.add_argument("train_args", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     train_args = [a for a in args.train_args if a != "--"]
-    if args.variant == "bn-momentum-0.01":
+    if "bn-momentum-0.01" in args.variant:
         real_build = backbones.EfficientNetLite0
 
         class Lite0Momentum001(real_build):
@@ -46,7 +48,7 @@ def main() -> int:
         backbones.BACKBONES["efficientnet_lite0"] = backbones.BackboneSpec(
             Lite0Momentum001, *[getattr(backbones.BACKBONES["efficientnet_lite0"], f)
                                 for f in ("load_weights", "mean", "std", "channels")])
-    else:
+    if "ungrouped-init" in args.variant:
         backbones.kaiming_init = legacy_kaiming_init
     code = cli(["train", "--model", "stfpm", *train_args])
     if code != 0:

@@ -11,6 +11,7 @@ checkpoints, interruption and resume. Run directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -206,17 +207,9 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     if dist_info.main:
         check_run_dir(run_dir, resume, overwrite)
     _barrier(dist_info)
-    ckpt_path = run_dir / "checkpoint.pt"
     ckpt = None
     if resume:
-        saved = read_run_config(run_dir)
-        model_name = saved["model"]
-        config = model_config(model_name, **saved["config"])
-        options = TrainOptions(**{**saved["options"], **({"progress": options.progress} if options else {})})
-        data = DataSource(**saved["data"]) if saved["data"] else data
-        ckpt = load_checkpoint(ckpt_path, expected_model=model_name)
-        if ckpt.get("finished"):
-            raise DestsegError(f"{run_dir}: training already finished; nothing to resume")
+        model_name, config, options, data, ckpt = _saved_run(run_dir, options, data)
     options = check_options(options or TrainOptions())
     config = check_config(config or model_config(model_name))
     if index is None:
@@ -237,27 +230,20 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         model.load_state_dict(ckpt["model_state"])
     model = prepare_model(model, device, dtype)
     spec = backbone_spec(config.teacher)
-    val_share = getattr(config, "val_split", 0.0)
-    train_paths, val_paths = _split_validation(index.train, val_share, options.seed)
+    train_paths, val_paths = _split_validation(index.train, getattr(config, "val_split", 0.0), options.seed)
     # Good images for the decision threshold: STFPM's validation images, else a seeded hold-out.
     threshold_paths = val_paths
     if not threshold_paths and options.threshold_holdout > 0 and len(train_paths) >= 10:
         train_paths, threshold_paths = _split_validation(train_paths, options.threshold_holdout, options.seed + 1)
+    stages = model.stages(len(train_paths))
     category = data.category if data else index.name.split("/")[-1]
     rotation, rotation_why = resolve_rotation(category, config, options)
-    stages = model.stages(len(train_paths))
     synthesis = any(s.needs_synthesis for s in stages)
     texture_dir = resolve_texture_dir(options.texture_dir, progress=options.progress and dist_info.main) \
         if synthesis else None
     on_device = synthesis_on_device(options.synthesis, device)
-    if not synthesis:
-        anomaly_source = "none (this model trains on normal images only)"
-    elif texture_dir:
-        anomaly_source = f"textures from {texture_dir}"
-    else:
-        anomaly_source = ("WARNING: built-in procedural textures (the offline fallback; the paper uses DTD: "
-                          "--texture-dir dtd downloads it once, or pass a folder of texture images)")
-    resolved = {"rotation": rotation, "rotation_source": rotation_why, "anomaly_source": anomaly_source,
+    resolved = {"rotation": rotation, "rotation_source": rotation_why,
+                "anomaly_source": _anomaly_source(synthesis, texture_dir),
                 "synthesis": "batched on " + device.type if on_device else "per sample on the CPU (NumPy)",
                 "train_images": len(train_paths),
                 "threshold_images": len(threshold_paths) or len(train_paths),
@@ -266,14 +252,8 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     if dist_info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            write_run_config(run_dir, model_name, config, data, options, resolved)
-            if rotation_why.startswith("unknown"):
-                print(f"destseg: note: {rotation_why}", file=sys.stderr)
-            if anomaly_source.startswith("WARNING"):
-                print(f"destseg: {anomaly_source}", file=sys.stderr)
-            log_file_header = {"resolved": resolved, "schedule": options.schedule}
-            with open(run_dir / "train.log", "a") as f:
-                f.write(json.dumps(log_file_header) + "\n")
+            _start_run_files(run_dir, model_name, config, data, options, resolved)
+
     augment = None
     if on_device:
         textures = texture_bank(config.image_size, texture_dir, seed=options.seed) if synthesis else None
@@ -283,158 +263,238 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
         synth = AnomalySynthesizer(config.image_size, texture_dir) if synthesis else None
         train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
     workers = default_workers(device) if options.num_workers < 0 else options.num_workers
-    train_workers = 0 if on_device and options.num_workers < 0 else workers  # nothing left to do on the CPU
     val_loader = None
     if val_paths:
         val_ds = TestDataset([TestSample(p, 0, None, "good") for p in val_paths], config.image_size, spec.mean, spec.std)
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=config.batch_size, num_workers=workers)
+    train_workers = 0 if on_device and options.num_workers < 0 else workers  # nothing left to do on the CPU
 
-    total_steps = sum(s.steps for s in stages)
-    step = ckpt["step"] if ckpt else 0
-    best = ckpt.get("best") if ckpt else None
-    cuts: dict[str, int] = dict(ckpt.get("time_budget_cuts") or {}) if ckpt else {}  # stage -> steps done
-    log_file = open(run_dir / "train.log", "a") if dist_info.main else open(os.devnull, "w")
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {model_name}", unit="step", dynamic_ncols=True,
-               disable=not options.progress or not dist_info.main, file=sys.stderr)
-    t_start = time.time() - (ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
-
-    wrapped: dict[str, torch.nn.Module] = {}  # attribute name -> DDP wrapper, during a stage
-
-    def model_state():
-        for name, ddp in wrapped.items():  # state under the plain names
-            setattr(model, name, ddp.module)
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        for name, ddp in wrapped.items():
-            setattr(model, name, ddp)
-        return state
-
-    def checkpoint(stage_name, optimizer, finished=False):
-        if not dist_info.main:
-            return
-        state = model_state()
-        save_checkpoint(ckpt_path, {
-            "model": model_name, "config": dataclasses.asdict(config), "teacher": config.teacher,
-            "step": step, "stage": stage_name, "finished": finished, "seed": options.seed,
-            "elapsed_s": time.time() - t_start, "model_state": state,
-            "optimizer_state": None if finished else optimizer.state_dict(), "best": best,
-            "time_budget_cuts": cuts,
-            # peak of this process (since a resume, after one), for the benchmark's table
-            "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        })
-
+    loop = _Loop(run_dir, model_name, model, config, options, device, dtype, dist_info, ckpt)
     try:
-        with _StopFlag() as stop:
-            offset = 0
-            for stage_index, stage in enumerate(stages):
-                if step >= offset + stage.steps:
-                    offset += stage.steps
-                    continue
-                local_start = step - offset
-                stage.freeze_others(model)
-                optimizer = torch.optim.SGD(stage.param_groups, lr=stage.param_groups[0]["lr"],
-                                            momentum=config.momentum, weight_decay=config.weight_decay)
-                if ckpt is not None and ckpt.get("stage") == stage.name and ckpt.get("optimizer_state"):
-                    optimizer.load_state_dict(ckpt["optimizer_state"])
-                sampler = StepSampler(len(train_ds), config.batch_size, options.seed, stage.steps,
-                                      start_step=local_start, stream=stage_index, rank=dist_info.rank,
-                                      world_size=dist_info.world_size)
-                loss_scale = dist_info.world_size if stage.extra.get("batch_sum") else 1
-                if dist_info.active:  # wrap the stage's trainable children (BatchNorm statistics stay local)
-                    from torch.nn.parallel import DistributedDataParallel as DDP
-
-                    for name, child in list(model.named_children()):
-                        if any(child is m for m in stage.train_modules):
-                            wrapped[name] = DDP(child, device_ids=[device.index] if device.type == "cuda" else None)
-                            setattr(model, name, wrapped[name])
-                loader = torch.utils.data.DataLoader(
-                    train_ds, batch_sampler=sampler, num_workers=train_workers, worker_init_fn=seed_worker,
-                    persistent_workers=False, pin_memory=device.type == "cuda")
-                stage.train_mode(model)
-                validate_every = stage.extra.get("validate_every")
-                bar.set_description(f"{model_name}:{stage.name}")
-                loss_avg = None
-                stage_deadline = (time.time() + options.time_budget_s * stage.steps / total_steps
-                                  if options.time_budget_s else None)
-                for batch in loader:
-                    if augment is not None:  # per-step generator: reproducible, identical after a resume
-                        batch = augment(batch["raw"], augment.generator(options.seed, stage_index, step,
-                                                                        dist_info.rank))
-                    else:
-                        batch = to_device(batch, device)
-                    with autocast(device, dtype):
-                        loss = model.training_loss(stage.name, batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    (loss * loss_scale).backward()
-                    optimizer.step()
-                    step += 1
-                    bar.update(1)
-                    # Reading the loss waits for the device: on a GPU only at the steps that need it (log,
-                    # checkpoint, validation, stop), so that the next batch is queued while this one computes.
-                    # Non-finite weights keep the loss non-finite, so it is still caught before any checkpoint.
-                    log_now = step % options.log_every == 0 or step == offset + stage.steps
-                    stop_now = stop.signum is not None
-                    if dist_info.active:  # all ranks stop at the same step when any was signalled
-                        stop_now = _all_reduce([float(stop_now)], dist_info)[0] > 0
-                    validate_now = bool(validate_every) and val_loader is not None and (step - offset) % validate_every == 0
-                    if (device.type == "cpu" or log_now or stop_now or validate_now or stage_deadline is not None
-                            or step % options.checkpoint_every == 0):
-                        value = float(loss.detach())
-                        if dist_info.active:  # log the global loss
-                            total = _all_reduce([value], dist_info)[0]
-                            value = total if stage.extra.get("batch_sum") else total / dist_info.world_size
-                        if not math.isfinite(value):
-                            raise DestsegError(f"loss became {value} by step {step} ({stage.name}); "
-                                               "try a lower learning rate or --precision fp32")
-                        loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
-                        bar.set_postfix(loss=f"{loss_avg:.4f}")
-                    if log_now:
-                        log_file.write(json.dumps({"step": step, "stage": stage.name, "loss": value,
-                                                   "time_s": round(time.time() - t_start, 2)}) + "\n")
-                        log_file.flush()
-                    if validate_now:
-                        value = mean_map(model, val_loader, device, dtype)
-                        stage.train_mode(model)
-                        if best is None or value < best["value"]:
-                            best = {"value": value, "step": step, "model_state": model_state()}
-                    if stop_now:
-                        checkpoint(stage.name, optimizer)
-                        raise TrainingInterrupted(
-                            f"training stopped by signal {stop.signum or 'on another rank'} at step {step}/{total_steps}; "
-                            f"checkpoint saved, continue with: destseg train --out {run_dir} --resume")
-                    if step % options.checkpoint_every == 0:
-                        checkpoint(stage.name, optimizer)
-                    if stage_deadline is not None and step < offset + stage.steps:
-                        over = time.time() > stage_deadline
-                        if dist_info.active:
-                            over = _all_reduce([float(over)], dist_info)[0] > 0
-                        if over:  # this stage's share of --time-budget is used up
-                            cuts[stage.name] = step - offset
-                            note = f"time budget: stage {stage.name} stopped at {step - offset} of {stage.steps} steps"
-                            log_file.write(json.dumps({"step": step, "stage": stage.name, "time_budget": note}) + "\n")
-                            if dist_info.main:
-                                tqdm.write(f"destseg: {note}", file=sys.stderr)
-                            bar.update(offset + stage.steps - step)
-                            step = offset + stage.steps
-                            break
-                for name, ddp in wrapped.items():
-                    setattr(model, name, ddp.module)
-                wrapped.clear()
-                offset += stage.steps
-                checkpoint(stage.name, optimizer)
-            if best is not None:  # STFPM: keep the weights with the lowest validation anomaly map
-                model.load_state_dict(best["model_state"])
-                best = {k: v for k, v in best.items() if k != "model_state"}
-            checkpoint(stages[-1].name, None, finished=True)
+        loop.run(stages, train_ds, train_workers, augment, val_loader)
         if dist_info.main:
             thresholds = good_image_thresholds(model, threshold_paths or train_paths, config, spec, device,
                                                dtype, options.threshold_fpr, bool(threshold_paths))
             write_thresholds(run_dir, thresholds)
-            log_file.write(json.dumps({"step": step, "thresholds": thresholds}) + "\n")
+            loop.log({"step": loop.step, "thresholds": thresholds})
     finally:
-        bar.close()
-        log_file.close()
+        loop.close()
     _barrier(dist_info)
-    return ckpt_path
+    return run_dir / "checkpoint.pt"
+
+
+def _saved_run(run_dir: Path, options: TrainOptions | None, data: DataSource | None):
+    """(model name, config, options, data source, checkpoint) of the run to resume; only the progress-bar
+    choice comes from the caller."""
+    saved = read_run_config(run_dir)
+    model_name = saved["model"]
+    config = model_config(model_name, **saved["config"])
+    options = TrainOptions(**{**saved["options"], **({"progress": options.progress} if options else {})})
+    data = DataSource(**saved["data"]) if saved["data"] else data
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", expected_model=model_name)
+    if ckpt.get("finished"):
+        raise DestsegError(f"{run_dir}: training already finished; nothing to resume")
+    return model_name, config, options, data, ckpt
+
+
+def _anomaly_source(synthesis: bool, texture_dir) -> str:
+    if not synthesis:
+        return "none (this model trains on normal images only)"
+    if texture_dir:
+        return f"textures from {texture_dir}"
+    return ("WARNING: built-in procedural textures (the offline fallback; the paper uses DTD: "
+            "--texture-dir dtd downloads it once, or pass a folder of texture images)")
+
+
+def _start_run_files(run_dir: Path, model_name: str, config, data, options: TrainOptions, resolved: dict) -> None:
+    """config.json, the train.log header, and the choices a user should see on stderr."""
+    write_run_config(run_dir, model_name, config, data, options, resolved)
+    if resolved["rotation_source"].startswith("unknown"):
+        print(f"destseg: note: {resolved['rotation_source']}", file=sys.stderr)
+    if resolved["anomaly_source"].startswith("WARNING"):
+        print(f"destseg: {resolved['anomaly_source']}", file=sys.stderr)
+    with open(run_dir / "train.log", "a") as f:
+        f.write(json.dumps({"resolved": resolved, "schedule": options.schedule}) + "\n")
+
+
+@contextlib.contextmanager
+def _ddp_stage(model: torch.nn.Module, stage, device: torch.device, d: Dist, wrapped: dict):
+    """Under torchrun, for the length of a stage: the stage's trainable children of ``model`` replaced by
+    DistributedDataParallel wrappers (recorded in ``wrapped``; BatchNorm statistics stay local), the plain
+    children put back afterwards. A no-op in a single process."""
+    if d.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        for name, child in list(model.named_children()):
+            if any(child is m for m in stage.train_modules):
+                wrapped[name] = DDP(child, device_ids=[device.index] if device.type == "cuda" else None)
+                setattr(model, name, wrapped[name])
+    try:
+        yield
+    finally:
+        for name, ddp in wrapped.items():
+            setattr(model, name, ddp.module)
+        wrapped.clear()
+
+
+class _Loop:
+    """The step loop over a model's stages, and the state a checkpoint keeps between steps: the step, the
+    best validation weights (STFPM), the stages cut short by --time-budget, and the elapsed time."""
+
+    def __init__(self, run_dir: Path, model_name: str, model, config, options: TrainOptions,
+                 device: torch.device, dtype, dist_info: Dist, ckpt: dict | None):
+        self.run_dir, self.model_name, self.model, self.config, self.options = run_dir, model_name, model, config, options
+        self.device, self.dtype, self.dist = device, dtype, dist_info
+        self.ckpt = ckpt  # the checkpoint resumed from, if any
+        self.step = ckpt["step"] if ckpt else 0
+        self.best = ckpt.get("best") if ckpt else None
+        self.cuts: dict[str, int] = dict(ckpt.get("time_budget_cuts") or {}) if ckpt else {}  # stage -> steps done
+        self.t_start = time.time() - (ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
+        self.wrapped: dict[str, torch.nn.Module] = {}  # attribute name -> DDP wrapper, during a stage
+        self.log_file = open(run_dir / "train.log", "a") if dist_info.main else open(os.devnull, "w")
+        self.bar = None
+
+    def log(self, record: dict) -> None:
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.log_file.close()
+
+    def model_state(self) -> dict:
+        """The weights on the CPU, under the plain module names even while a stage is DDP-wrapped."""
+        for name, ddp in self.wrapped.items():
+            setattr(self.model, name, ddp.module)
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        for name, ddp in self.wrapped.items():
+            setattr(self.model, name, ddp)
+        return state
+
+    def checkpoint(self, stage_name: str, optimizer, finished: bool = False) -> None:
+        if not self.dist.main:
+            return
+        device = self.device
+        save_checkpoint(self.run_dir / "checkpoint.pt", {
+            "model": self.model_name, "config": dataclasses.asdict(self.config), "teacher": self.config.teacher,
+            "step": self.step, "stage": stage_name, "finished": finished, "seed": self.options.seed,
+            "elapsed_s": time.time() - self.t_start, "model_state": self.model_state(),
+            "optimizer_state": None if finished else optimizer.state_dict(), "best": self.best,
+            "time_budget_cuts": self.cuts,
+            # peak of this process (since a resume, after one), for the benchmark's table
+            "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        })
+
+    def run(self, stages, train_ds, workers: int, augment, val_loader) -> None:
+        total = sum(s.steps for s in stages)
+        self.bar = tqdm(total=total, initial=self.step, desc=f"train {self.model_name}", unit="step",
+                        dynamic_ncols=True, disable=not self.options.progress or not self.dist.main, file=sys.stderr)
+        with _StopFlag() as stop:
+            offset = 0
+            for stage_index, stage in enumerate(stages):
+                if self.step < offset + stage.steps:
+                    deadline = (time.time() + self.options.time_budget_s * stage.steps / total
+                                if self.options.time_budget_s else None)
+                    self.run_stage(stage_index, stage, offset, total, train_ds, workers, augment, val_loader,
+                                   stop, deadline)
+                offset += stage.steps
+            if self.best is not None:  # STFPM: keep the weights with the lowest validation anomaly map
+                self.model.load_state_dict(self.best["model_state"])
+                self.best = {k: v for k, v in self.best.items() if k != "model_state"}
+            self.checkpoint(stages[-1].name, None, finished=True)
+
+    def run_stage(self, stage_index: int, stage, offset: int, total: int, train_ds, workers: int, augment,
+                  val_loader, stop: _StopFlag, deadline: float | None) -> None:
+        """Steps ``offset + (done so far) .. offset + stage.steps`` of training, then a checkpoint."""
+        model, options, config, device, d = self.model, self.options, self.config, self.device, self.dist
+        end = offset + stage.steps
+        stage.freeze_others(model)
+        optimizer = torch.optim.SGD(stage.param_groups, lr=stage.param_groups[0]["lr"],
+                                    momentum=config.momentum, weight_decay=config.weight_decay)
+        if self.ckpt is not None and self.ckpt.get("stage") == stage.name and self.ckpt.get("optimizer_state"):
+            optimizer.load_state_dict(self.ckpt["optimizer_state"])
+        sampler = StepSampler(len(train_ds), config.batch_size, options.seed, stage.steps,
+                              start_step=self.step - offset, stream=stage_index, rank=d.rank, world_size=d.world_size)
+        loader = torch.utils.data.DataLoader(
+            train_ds, batch_sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
+            persistent_workers=False, pin_memory=device.type == "cuda")
+        loss_scale = d.world_size if stage.extra.get("batch_sum") else 1
+        validate_every = stage.extra.get("validate_every") if val_loader is not None else None
+        self.bar.set_description(f"{self.model_name}:{stage.name}")
+        loss_avg = None
+        with _ddp_stage(model, stage, device, d, self.wrapped):
+            stage.train_mode(model)
+            for batch in loader:
+                if augment is not None:  # per-step generator: reproducible, identical after a resume
+                    batch = augment(batch["raw"], augment.generator(options.seed, stage_index, self.step, d.rank))
+                else:
+                    batch = to_device(batch, device)
+                with autocast(device, self.dtype):
+                    loss = model.training_loss(stage.name, batch)
+                optimizer.zero_grad(set_to_none=True)
+                (loss * loss_scale).backward()
+                optimizer.step()
+                self.step += 1
+                self.bar.update(1)
+                log_now = self.step % options.log_every == 0 or self.step == end
+                checkpoint_now = self.step % options.checkpoint_every == 0
+                validate_now = bool(validate_every) and (self.step - offset) % validate_every == 0
+                stop_now = stop.signum is not None
+                if d.active:  # all ranks stop at the same step when any was signalled
+                    stop_now = _all_reduce([float(stop_now)], d)[0] > 0
+                # Reading the loss waits for the device: on a GPU only at the steps that need it, so that the
+                # next batch is queued while this one computes. Non-finite weights keep the loss non-finite,
+                # so it is still caught before any checkpoint.
+                if (device.type == "cpu" or log_now or checkpoint_now or validate_now or stop_now
+                        or deadline is not None):
+                    value = self._global_loss(loss, stage)
+                    loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
+                    self.bar.set_postfix(loss=f"{loss_avg:.4f}")
+                if log_now:
+                    self.log({"step": self.step, "stage": stage.name, "loss": value,
+                              "time_s": round(time.time() - self.t_start, 2)})
+                if validate_now:
+                    value = mean_map(model, val_loader, device, self.dtype)
+                    stage.train_mode(model)
+                    if self.best is None or value < self.best["value"]:
+                        self.best = {"value": value, "step": self.step, "model_state": self.model_state()}
+                if stop_now:
+                    self.checkpoint(stage.name, optimizer)
+                    raise TrainingInterrupted(
+                        f"training stopped by signal {stop.signum or 'on another rank'} at step {self.step}/{total}; "
+                        f"checkpoint saved, continue with: destseg train --out {self.run_dir} --resume")
+                if checkpoint_now:
+                    self.checkpoint(stage.name, optimizer)
+                if deadline is not None and self.step < end and self._out_of_time(deadline):
+                    self.cuts[stage.name] = self.step - offset
+                    note = f"time budget: stage {stage.name} stopped at {self.step - offset} of {stage.steps} steps"
+                    self.log({"step": self.step, "stage": stage.name, "time_budget": note})
+                    if d.main:
+                        tqdm.write(f"destseg: {note}", file=sys.stderr)
+                    self.bar.update(end - self.step)
+                    self.step = end
+                    break
+        self.checkpoint(stage.name, optimizer)
+
+    def _global_loss(self, loss: torch.Tensor, stage) -> float:
+        """The step's loss over all processes (sum or mean, as the stage's loss reduces the batch); refuses
+        a non-finite value before it can reach a checkpoint."""
+        value = float(loss.detach())
+        if self.dist.active:
+            total = _all_reduce([value], self.dist)[0]
+            value = total if stage.extra.get("batch_sum") else total / self.dist.world_size
+        if not math.isfinite(value):
+            raise DestsegError(f"loss became {value} by step {self.step} ({stage.name}); "
+                               "try a lower learning rate or --precision fp32")
+        return value
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """This stage's share of --time-budget is used up (on any process)."""
+        over = time.time() > deadline
+        if self.dist.active:
+            over = _all_reduce([float(over)], self.dist)[0] > 0
+        return over
 
 
 def check_options(o: TrainOptions) -> TrainOptions:
