@@ -68,7 +68,8 @@ def cmd_train(args) -> int:
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
                            synthesis=args.synthesis,
-                           checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                           checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+                           log_every=args.log_every,
                            teacher_weights=args.teacher_weights, threshold_holdout=args.threshold_holdout,
                            threshold_fpr=args.threshold_fpr, progress=not args.no_progress)
     if args.time_budget is not None:
@@ -241,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "images (default 0.1; stfpm uses its validation images; 0: score the training images)")
     p.add_argument("--threshold-fpr", type=float, default=0.01,
                    help="false-positive rate of that threshold on good images (default 0.01)")
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="also checkpoint after this many minutes without one, so that a killed run (power loss, "
+                        "a preempted machine) loses at most that much work (default 10; 0: off; one process only)")
     p.add_argument("--log-every", type=int, default=10, help="steps between train.log lines")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")

@@ -56,6 +56,7 @@ class TrainOptions:
     texture_dir: str | None = None  # anomaly sources; None: built-in generator
     rotation: str | None = None  # none | small | rot90; None: the category's SPEC default
     checkpoint_every: int = 200  # steps
+    checkpoint_minutes: float = 10.0  # also after this much wall time since the last one (single process); 0: off
     log_every: int = 10
     teacher_weights: str | None = None
     progress: bool = True
@@ -350,6 +351,7 @@ class _Loop:
         self.best = ckpt.get("best") if ckpt else None
         self.cuts: dict[str, int] = dict(ckpt.get("time_budget_cuts") or {}) if ckpt else {}  # stage -> steps done
         self.t_start = time.time() - (ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
+        self.t_saved = time.time()  # last checkpoint (or start)
         self.wrapped: dict[str, torch.nn.Module] = {}  # attribute name -> DDP wrapper, during a stage
         self.log_file = open(run_dir / "train.log", "a") if dist_info.main else open(os.devnull, "w")
         self.bar = None
@@ -373,6 +375,7 @@ class _Loop:
         return state
 
     def checkpoint(self, stage_name: str, optimizer, finished: bool = False) -> None:
+        self.t_saved = time.time()
         if not self.dist.main:
             return
         device = self.device
@@ -438,7 +441,7 @@ class _Loop:
                 self.step += 1
                 self.bar.update(1)
                 log_now = self.step % options.log_every == 0 or self.step == end
-                checkpoint_now = self.step % options.checkpoint_every == 0
+                checkpoint_now = self.step % options.checkpoint_every == 0 or self._checkpoint_due()
                 validate_now = bool(validate_every) and (self.step - offset) % validate_every == 0
                 stop_now = stop.signum is not None
                 if d.active:  # all ranks stop at the same step when any was signalled
@@ -489,6 +492,12 @@ class _Loop:
                                "try a lower learning rate or --precision fp32")
         return value
 
+    def _checkpoint_due(self) -> bool:
+        """--checkpoint-minutes have passed since the last checkpoint. Single process only: under torchrun the
+        ranks' clocks could disagree about the step, and a checkpoint step reads the loss collectively."""
+        minutes = self.options.checkpoint_minutes
+        return not self.dist.active and minutes > 0 and time.time() - self.t_saved >= 60 * minutes
+
     def _out_of_time(self, deadline: float) -> bool:
         """This stage's share of --time-budget is used up (on any process)."""
         over = time.time() > deadline
@@ -503,6 +512,7 @@ def check_options(o: TrainOptions) -> TrainOptions:
              ("threshold_holdout", 0 <= o.threshold_holdout <= 0.5, "in [0, 0.5]"),
              ("threshold_fpr", 0 < o.threshold_fpr < 1, "in (0, 1)"),
              ("checkpoint_every", o.checkpoint_every >= 1, "at least 1"),
+             ("checkpoint_minutes", o.checkpoint_minutes >= 0, "0 (off) or more"),
              ("log_every", o.log_every >= 1, "at least 1"),
              ("num_workers", o.num_workers >= -1, "-1 (automatic) or more")]
     for field, ok, rule in rules:

@@ -28,6 +28,24 @@ def tiny_train(run, data_root, resume=False, overwrite=False, precision="fp32", 
                  resume=resume, overwrite=overwrite)
 
 
+@pytest.mark.parametrize("minutes, expected", [(0.0, [3, 6, 6]), (1e-9, [1, 2, 3, 3, 4, 5, 6, 6, 6])])
+def test_checkpoint_minutes_bound_the_work_a_kill_loses(tmp_path, tiny_mvtec, monkeypatch, minutes, expected):
+    # --checkpoint-every 1000 never fires here: with --checkpoint-minutes 0 only the stage ends (3, 6) and
+    # the final state are saved; with a tiny interval every step is too.
+    import destseg.train as tr
+
+    saved = []
+    real_save = tr.save_checkpoint
+    monkeypatch.setattr(tr, "save_checkpoint", lambda path, payload: (saved.append(payload["step"]),
+                                                                      real_save(path, payload)))
+    train(tmp_path / "run", "destseg", model_config("destseg", **TINY), DataSource(str(tiny_mvtec), "widget"),
+          options=TrainOptions(seed=1, precision="fp32", progress=False, checkpoint_every=1000,
+                               checkpoint_minutes=minutes))
+    assert saved == expected
+    with pytest.raises(DestsegError, match="--checkpoint-minutes"):
+        tr.check_options(TrainOptions(checkpoint_minutes=-1))
+
+
 @pytest.mark.parametrize("model", ["destseg", "tesd", "stfpm"])
 def test_train_save_reload_predict_identically(tmp_path, tiny_mvtec, model):
     run = tmp_path / "run"
