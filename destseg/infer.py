@@ -124,10 +124,11 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
               "model_images_per_s": len(dataset) / max(out.seconds, 1e-9)}
     if out.labels.any() and out.masks.any():
         t1 = time.perf_counter()
-        ranking = pixel_ranking(out.maps, out.masks)  # one sort of all pixels: the metrics and the threshold
+        sort_on = dev if dev.type == "cuda" else None  # the pixel sort is the costly part: on the GPU if any
+        ranking = pixel_ranking(out.maps, out.masks, sort_on)  # one sort of all pixels: metrics and threshold
         result.update(evaluate(out.maps, out.masks, out.labels, out.scores, ranking))
         if out.dest_maps is not None and ckpt["config"].get("segmentation", True):
-            dest = evaluate(out.dest_maps, out.masks, out.labels, out.dest_scores)
+            dest = evaluate(out.dest_maps, out.masks, out.labels, out.dest_scores, device=sort_on)
             result.update({f"dest_{k}": v for k, v in dest.items()})
         image_thr, image_f1 = f1_max_threshold(out.scores, out.labels)
         pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel(), ranking)

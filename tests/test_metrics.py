@@ -125,6 +125,22 @@ def test_packed_float32_ranking_equals_argsort():
     assert metrics.average_precision(x, targets) == pytest.approx(average_precision_score(targets, x), abs=1e-12)
 
 
+def test_torch_sort_ranks_exactly_as_numpy():
+    """The device path (torch keys, here on the CPU; on CUDA the same ops) gives the very same ranking:
+    values, ids in the same order within ties, and tie groups; and so the same metrics."""
+    rng = np.random.default_rng(4)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e30, -1e30, 1.0, -1.0, 3.4e38, -3.4e38], np.float32)
+    x = np.r_[rng.normal(size=5000).astype(np.float32), np.round(rng.normal(size=5000), 1).astype(np.float32),
+              special, special]
+    for ids in (rng.integers(0, 2**31 - 1, x.size), rng.integers(0, 2, x.size).astype(bool)):
+        a, b = metrics.rank(x, ids), metrics.rank(x, ids, device="cpu")
+        np.testing.assert_array_equal(a.values.view(np.uint32), b.values.view(np.uint32))  # -0.0 vs 0.0 too
+        np.testing.assert_array_equal(a.ids.astype(np.int64), b.ids.astype(np.int64))
+        np.testing.assert_array_equal(a.last, b.last)
+    maps, masks, labels = fixture(seed=5)[:3]
+    assert metrics.evaluate(maps, masks, labels, device="cpu") == metrics.evaluate(maps, masks, labels)
+
+
 def test_regions_do_not_connect_across_images():
     masks = np.zeros((3, 8, 8), bool)
     masks[0, 2:5, 2:5] = masks[1, 2:5, 2:5] = True  # the same place in two images: two regions
