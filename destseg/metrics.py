@@ -84,8 +84,9 @@ def rank(scores: np.ndarray, ids: np.ndarray, device=None) -> Ranking:
     seconds); the result is the same as NumPy's, and NumPy is used if the device runs out of memory."""
     scores = np.ascontiguousarray(scores).ravel()
     ids = np.asarray(ids).ravel()
-    packable = scores.dtype == np.float32 and int(ids.max(initial=0)) < 2**31
-    if packable and device is not None:
+    max_id = int(ids.max(initial=0))
+    packable = scores.dtype == np.float32 and max_id < 2**32
+    if packable and device is not None and max_id < 2**31:  # signed 32-bit ids on the device
         ranked = _rank_torch(scores, ids, device)
         if ranked is not None:
             return ranked

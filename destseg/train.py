@@ -318,24 +318,29 @@ def _start_run_files(run_dir: Path, model_name: str, config, data, options: Trai
         f.write(json.dumps({"resolved": resolved, "schedule": options.schedule}) + "\n")
 
 
+def _ddp_children(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The children of ``model`` that a stage has wrapped in DistributedDataParallel, by attribute name."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return {name: child for name, child in model.named_children() if isinstance(child, DDP)}
+
+
 @contextlib.contextmanager
-def _ddp_stage(model: torch.nn.Module, stage, device: torch.device, d: Dist, wrapped: dict):
+def _ddp_stage(model: torch.nn.Module, stage, device: torch.device, d: Dist):
     """Under torchrun, for the length of a stage: the stage's trainable children of ``model`` replaced by
-    DistributedDataParallel wrappers (recorded in ``wrapped``; BatchNorm statistics stay local), the plain
-    children put back afterwards. A no-op in a single process."""
+    DistributedDataParallel wrappers (BatchNorm statistics stay local), the plain children put back
+    afterwards. A no-op in a single process."""
     if d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         for name, child in list(model.named_children()):
             if any(child is m for m in stage.train_modules):
-                wrapped[name] = DDP(child, device_ids=[device.index] if device.type == "cuda" else None)
-                setattr(model, name, wrapped[name])
+                setattr(model, name, DDP(child, device_ids=[device.index] if device.type == "cuda" else None))
     try:
         yield
     finally:
-        for name, ddp in wrapped.items():
+        for name, ddp in _ddp_children(model).items():
             setattr(model, name, ddp.module)
-        wrapped.clear()
 
 
 class _Loop:
@@ -352,7 +357,6 @@ class _Loop:
         self.cuts: dict[str, int] = dict(ckpt.get("time_budget_cuts") or {}) if ckpt else {}  # stage -> steps done
         self.t_start = time.time() - (ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
         self.t_saved = time.time()  # last checkpoint (or start)
-        self.wrapped: dict[str, torch.nn.Module] = {}  # attribute name -> DDP wrapper, during a stage
         self.log_file = open(run_dir / "train.log", "a") if dist_info.main else open(os.devnull, "w")
         self.bar = None
 
@@ -367,10 +371,11 @@ class _Loop:
 
     def model_state(self) -> dict:
         """The weights on the CPU, under the plain module names even while a stage is DDP-wrapped."""
-        for name, ddp in self.wrapped.items():
+        wrapped = _ddp_children(self.model)
+        for name, ddp in wrapped.items():
             setattr(self.model, name, ddp.module)
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        for name, ddp in self.wrapped.items():
+        for name, ddp in wrapped.items():
             setattr(self.model, name, ddp)
         return state
 
@@ -426,7 +431,7 @@ class _Loop:
         validate_every = stage.extra.get("validate_every") if val_loader is not None else None
         self.bar.set_description(f"{self.model_name}:{stage.name}")
         loss_avg = None
-        with _ddp_stage(model, stage, device, d, self.wrapped):
+        with _ddp_stage(model, stage, device, d):
             stage.train_mode(model)
             for batch in loader:
                 if augment is not None:  # per-step generator: reproducible, identical after a resume
