@@ -1,7 +1,12 @@
 """Throughput of DeSTSeg at 256x256: stage-1 training, stage-2 training and inference, fp32 vs bf16
 (autocast + channels_last). The metrics are timed by benchmarks/metrics_speed.py.
 
-    .venv/bin/python benchmarks/speed.py [--teacher resnet18] [--batch-size 16] [--threads 2]
+    .venv/bin/python benchmarks/speed.py [--teacher resnet18] [--batch-size 16] [--threads 2] [--precision fp32]
+        [--aspp-by-definition]
+
+``--aspp-by-definition`` adds rows timed with the ASPP fusion computed as the SPEC writes it (a 3x3 conv
+over the concatenation of all four branches, the pooled one broadcast to a map) instead of with the
+pooled branch's closed form: the two compute the same function.
 
 Weights are random (speed does not depend on them), so this needs no download. Prints a Markdown table.
 """
@@ -15,7 +20,7 @@ import time
 import torch
 
 from destseg.models import build_model, model_config
-from destseg.models.common import fold_batchnorm
+from destseg.models.common import ASPP, cat_channels, fold_batchnorm
 from destseg.train import autocast, prepare_model
 
 
@@ -26,6 +31,12 @@ def images_per_s(fn, batch_size: int, warmup: int, iters: int) -> float:
     for _ in range(iters):
         fn()
     return batch_size * iters / (time.perf_counter() - t0)
+
+
+def aspp_by_definition(self, x):
+    """ASPP.forward as the SPEC defines it, for comparison."""
+    pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
+    return self.project(cat_channels([b(x) for b in self.branches] + [pooled]))
 
 
 def bench_model(teacher: str, batch_size: int, dtype, warmup: int, iters: int) -> dict:
@@ -68,17 +79,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--aspp-by-definition", action="store_true",
+                   help="also time the ASPP computed as a conv over the broadcast pooled map")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"batch {args.batch_size}, 256x256\n")
-    print("| teacher | precision | stage-1 train img/s | stage-2 train img/s | inference img/s |")
-    print("|---|---|---|---|---|")
+    print("| teacher | precision | ASPP pooled branch | stage-1 train img/s | stage-2 train img/s | inference img/s |")
+    print("|---|---|---|---|---|---|")
+    closed_form = ASPP.forward
     for teacher in args.teacher:
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            r = bench_model(teacher, args.batch_size, dtype, args.warmup, args.iters)
-            print(f"| {teacher} | {name} | {r['train_student']:.1f} | {r['train_segmentation']:.1f} | "
-                  f"{r['inference']:.1f} |", flush=True)
+        for name in args.precision:
+            dtype = torch.bfloat16 if name == "bf16" else None
+            for aspp in ["closed form"] + (["broadcast map"] if args.aspp_by_definition else []):
+                ASPP.forward = closed_form if aspp == "closed form" else aspp_by_definition
+                r = bench_model(teacher, args.batch_size, dtype, args.warmup, args.iters)
+                print(f"| {teacher} | {name} | {aspp} | {r['train_student']:.2f} | {r['train_segmentation']:.2f} | "
+                      f"{r['inference']:.2f} |", flush=True)
+    ASPP.forward = closed_form
 
 
 if __name__ == "__main__":

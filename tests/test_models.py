@@ -89,3 +89,29 @@ def test_ablation_switches():
     assert torch.equal(out["map"], out["dest_map"])
     with pytest.raises(ValueError, match="student_arch"):
         build_model("destseg", model_config("destseg", student_arch="bogus"), pretrained=False)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (5, 9), (1, 2)])
+def test_aspp_closed_form_pool_branch_equals_the_broadcast_convolution(size):
+    """SPEC: the ASPP fuses the concatenation of its four branches with a 3x3 conv. The pooled branch's
+    share is computed in closed form; it must equal convolving the broadcast map (forward and gradients),
+    at the border, on non-square and on maps smaller than the kernel."""
+    from destseg.models.common import ASPP, cat_channels
+
+    torch.manual_seed(0)
+    aspp = ASPP(8, 8, rates=(1, 2, 3)).double().train()
+    x = torch.randn(3, 8, *size, dtype=torch.float64)
+
+    def by_definition(x):
+        pooled = aspp.pool(x).expand(-1, -1, *x.shape[-2:])
+        return aspp.project(cat_channels([b(x) for b in aspp.branches] + [pooled]))
+
+    results = []
+    for fn in (by_definition, aspp):
+        xi = x.clone().requires_grad_()
+        aspp.zero_grad()
+        y = fn(xi)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in aspp.parameters()])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
