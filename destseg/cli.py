@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
 
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
-                           synthesis=args.synthesis,
+                           anomaly_color=args.anomaly_color, synthesis=args.synthesis,
                            checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
                            log_every=args.log_every,
                            teacher_weights=args.teacher_weights, threshold_holdout=args.threshold_holdout,
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", choices=["none", "small", "rot90"],
                    help="train-time rotation; default: the category's SPEC setting (none for STFPM and for a "
                         "category the library does not know)")
+    p.add_argument("--anomaly-color", default="auto", choices=["auto", "rgb", "gray"],
+                   help="colour of the synthetic anomalies: rgb (the textures as they are), gray (their "
+                        "luminance); auto (default): gray when every training image is grayscale")
     p.add_argument("--no-denoising", action="store_true", help="ablation: student sees clean images")
     p.add_argument("--identical-student", action="store_true", help="ablation: student = teacher architecture")
     p.add_argument("--no-segmentation", action="store_true", help="ablation: DeST product map, no seg. network")

@@ -31,9 +31,10 @@ from destseg import __version__
 from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset
 from destseg.data.datasets import (
-    CATEGORY_ROTATION, DataSource, DatasetIndex, TestDataset, TestSample, seed_worker,
+    CATEGORY_ROTATION, DataSource, DatasetIndex, TestDataset, TestSample, load_resized, seed_worker,
 )
 from destseg.data.device_synthesis import DeviceAugment, texture_bank
+from destseg.data.synthesis import is_grayscale
 from destseg.dtd import resolve_texture_dir
 from destseg.device import autocast, autocast_dtype, default_workers, prepare_model, resolve_device, to_device
 from destseg.errors import DestsegError
@@ -55,6 +56,7 @@ class TrainOptions:
     num_workers: int = -1  # -1: chosen from the CPU count
     texture_dir: str | None = None  # anomaly sources; None: built-in generator
     rotation: str | None = None  # none | small | rot90; None: the category's SPEC default
+    anomaly_color: str = "auto"  # rgb | gray (luminance of the textures); auto: gray for grayscale training images
     checkpoint_every: int = 200  # steps
     checkpoint_minutes: float = 10.0  # also after this much wall time since the last one (single process); 0: off
     log_every: int = 10
@@ -243,8 +245,12 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     texture_dir = resolve_texture_dir(options.texture_dir, progress=options.progress and dist_info.main) \
         if synthesis else None
     on_device = synthesis_on_device(options.synthesis, device)
+    images = load_resized(train_paths, config.image_size)
+    gray, gray_why = resolve_anomaly_color(options.anomaly_color, images) if synthesis else (False, "no synthesis")
     resolved = {"rotation": rotation, "rotation_source": rotation_why,
                 "anomaly_source": _anomaly_source(synthesis, texture_dir),
+                "anomaly_color": ("gray" if gray else "rgb") if synthesis else "none",
+                "anomaly_color_source": gray_why,
                 "synthesis": "batched on " + device.type if on_device else "per sample on the CPU (NumPy)",
                 "train_images": len(train_paths),
                 "threshold_images": len(threshold_paths) or len(train_paths),
@@ -257,12 +263,13 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
 
     augment = None
     if on_device:
-        textures = texture_bank(config.image_size, texture_dir, seed=options.seed) if synthesis else None
+        textures = texture_bank(config.image_size, texture_dir, seed=options.seed, gray=gray) if synthesis else None
         augment = DeviceAugment(config.image_size, spec.mean, spec.std, rotation, textures, device)
-        train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, raw=True)
+        train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, images=images,
+                                raw=True)
     else:
-        synth = AnomalySynthesizer(config.image_size, texture_dir) if synthesis else None
-        train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth)
+        synth = AnomalySynthesizer(config.image_size, texture_dir, gray=gray) if synthesis else None
+        train_ds = TrainDataset(train_paths, config.image_size, spec.mean, spec.std, rotation, synth, images=images)
     workers = default_workers(device) if options.num_workers < 0 else options.num_workers
     val_loader = None
     if val_paths:
@@ -290,6 +297,7 @@ def _saved_run(run_dir: Path, options: TrainOptions | None, data: DataSource | N
     saved = read_run_config(run_dir)
     model_name = saved["model"]
     config = model_config(model_name, **saved["config"])
+    saved["options"].setdefault("anomaly_color", "rgb")  # runs started before the option: colour anomalies
     options = TrainOptions(**{**saved["options"], **({"progress": options.progress} if options else {})})
     data = DataSource(**saved["data"]) if saved["data"] else data
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", expected_model=model_name)
@@ -312,6 +320,8 @@ def _start_run_files(run_dir: Path, model_name: str, config, data, options: Trai
     write_run_config(run_dir, model_name, config, data, options, resolved)
     if resolved["rotation_source"].startswith("unknown"):
         print(f"destseg: note: {resolved['rotation_source']}", file=sys.stderr)
+    if resolved["anomaly_color_source"].startswith("auto: all"):
+        print(f"destseg: note: {resolved['anomaly_color_source']}", file=sys.stderr)
     if resolved["anomaly_source"].startswith("WARNING"):
         print(f"destseg: {resolved['anomaly_source']}", file=sys.stderr)
     with open(run_dir / "train.log", "a") as f:
@@ -526,6 +536,8 @@ def check_options(o: TrainOptions) -> TrainOptions:
             raise DestsegError(f"{flag} must be {rule} (got {getattr(o, field)!r})")
     if o.rotation is not None and o.rotation not in ("none", "small", "rot90"):
         raise DestsegError(f"--rotation must be none, small or rot90 (got {o.rotation!r})")
+    if o.anomaly_color not in ("auto", "rgb", "gray"):
+        raise DestsegError(f"--anomaly-color must be auto, rgb or gray (got {o.anomaly_color!r})")
     if o.synthesis not in ("auto", "cpu", "device"):
         raise DestsegError(f"--synthesis must be auto, cpu or device (got {o.synthesis!r})")
     if o.precision not in ("auto", "bf16", "fp32"):
@@ -538,6 +550,16 @@ def check_options(o: TrainOptions) -> TrainOptions:
 def synthesis_on_device(choice: str, device: torch.device) -> bool:
     """--synthesis (checked in :func:`check_options`): device, or auto on CUDA."""
     return choice == "device" or (choice == "auto" and device.type == "cuda")
+
+
+def resolve_anomaly_color(choice: str, images_u8) -> tuple[bool, str]:
+    """(gray, why): --anomaly-color, or auto: gray anomalies when every training image is grayscale."""
+    if choice != "auto":
+        return choice == "gray", "--anomaly-color"
+    if is_grayscale(images_u8):
+        return True, (f"auto: all {len(images_u8)} training images are grayscale, so the anomaly textures are "
+                      "turned grayscale too (--anomaly-color rgb keeps their colours)")
+    return False, "auto: colour training images"
 
 
 def resolve_rotation(category: str, config, options: TrainOptions) -> tuple[str, str]:

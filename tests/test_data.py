@@ -195,3 +195,45 @@ def test_train_batches_identical_across_worker_counts(tiny_mvtec):
 
     for a, b in zip(batches(0), batches(2)):
         assert torch.equal(a, b)
+
+
+def test_gray_anomalies_carry_no_colour_on_both_synthesis_paths():
+    from destseg.data.device_synthesis import DeviceAugment, texture_bank
+    from destseg.data.synthesis import AnomalySynthesizer, is_grayscale, to_gray
+
+    rng = np.random.default_rng(0)
+    gray_img = np.repeat(rng.uniform(0, 1, (32, 32, 1)).astype(np.float32), 3, axis=2)
+    np.testing.assert_allclose(to_gray(gray_img), gray_img, atol=1e-6)  # luminance weights sum to 1
+    for gray in (False, True):
+        aug, mask = AnomalySynthesizer(32, gray=gray)(gray_img, np.random.default_rng(3))
+        assert mask.any()
+        chroma = np.abs(aug - aug.mean(axis=2, keepdims=True)).max()
+        assert (chroma < 1e-6) == gray, (gray, chroma)
+    bank = texture_bank(32, None, generated=4, gray=True)
+    assert torch.allclose(bank[:, 0], bank[:, 1]) and torch.allclose(bank[:, 1], bank[:, 2])
+    dev = DeviceAugment(32, (0, 0, 0), (1, 1, 1), "none", bank, "cpu")
+    u8 = torch.from_numpy(np.round(gray_img * 255).astype(np.uint8)).expand(4, -1, -1, -1).contiguous()
+    out = dev(u8, dev.generator(1))
+    assert out["mask"].any() and torch.allclose(out["augmented"][:, 0], out["augmented"][:, 2], atol=1e-6)
+    u8_np = u8.numpy()
+    tinted = u8_np[:1].copy()
+    tinted[0, 5, 5, 0] ^= 1  # one pixel one level off in one channel: a colour image
+    assert is_grayscale(u8_np) and not is_grayscale(np.concatenate([u8_np, tinted]))
+
+
+@pytest.mark.parametrize("mode, flag, expected", [("L", None, "gray"), ("RGB", None, "rgb"), ("L", "rgb", "rgb")])
+def test_anomaly_colour_follows_the_training_images(tmp_path, mode, flag, expected):
+    """Grayscale cameras get grayscale synthetic anomalies unless asked; the choice is in the run config."""
+    from conftest import make_mvtec
+
+    root = make_mvtec(tmp_path / "d", n_train=4)
+    for p in (root / "widget" / "train" / "good").glob("*.png"):
+        Image.open(p).convert(mode).save(p)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(root), "--category", "widget", "--out", str(run), "--teacher",
+            "efficientnet_lite0", "--image-size", "64", "--batch-size", "2", "--steps", "2", "--student-steps", "1",
+            "--precision", "fp32", "--no-progress"] + (["--anomaly-color", flag] if flag else [])
+    assert main(argv) == 0
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert resolved["anomaly_color"] == expected
+    assert resolved["anomaly_color_source"].startswith("--anomaly-color" if flag else "auto")

@@ -17,21 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from destseg.data.images import hw
-from destseg.data.synthesis import GeneratedTextures, TextureFolder
+from destseg.data.synthesis import GeneratedTextures, TextureFolder, to_gray
 
 LATTICE = 33  # gradient lattice points per axis: the finest Perlin scale is 2^5 = 32 cells
 FILL = 114 / 255
 
 
-def texture_bank(size, texture_dir=None, generated: int = 256, seed: int = 0) -> torch.Tensor:
+def texture_bank(size, texture_dir=None, generated: int = 256, seed: int = 0, gray: bool = False) -> torch.Tensor:
     """(K, 3, H, W) float in [0, 1]: the texture folder's images, or ``generated`` procedural textures
-    (the offline fallback draws a fixed bank instead of a fresh texture per sample)."""
+    (the offline fallback draws a fixed bank instead of a fresh texture per sample); ``gray``: their
+    luminance in all three channels (see ``AnomalySynthesizer``)."""
     if texture_dir:
         arr = TextureFolder(texture_dir, size).images.astype(np.float32) / 255.0
     else:
         gen = GeneratedTextures(size)
         rng = np.random.default_rng([seed, 99])
         arr = np.stack([gen(rng) for _ in range(generated)])
+    if gray:
+        arr = to_gray(arr)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 

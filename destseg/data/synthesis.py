@@ -52,6 +52,21 @@ def perlin_mask(size, rng: np.random.Generator, threshold: float = 0.5) -> np.nd
 
 # ----------------------------------------------------------------------------------- anomaly sources
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
+
+
+def is_grayscale(images_u8: np.ndarray) -> bool:
+    """True when every image of an (N, H, W, 3) stack has three equal channels (a grayscale camera)."""
+    return bool(len(images_u8)) and all(
+        np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]) for img in images_u8)
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) float images -> their luminance in all three channels, same shape and dtype."""
+    luma = rgb @ np.asarray(LUMA, dtype=rgb.dtype)
+    return np.repeat(luma[..., None], 3, axis=-1)
+
+
 class TextureFolder:
     """Anomaly sources from a folder (DTD layout ``images/<class>/*.jpg`` or flat), loaded once."""
 
@@ -99,16 +114,24 @@ class GeneratedTextures:
 
 
 class AnomalySynthesizer:
-    """I_aug = I*(1-M) + (1-b)*A*M + b*I*M with b ~ U(0, max_beta) (SPEC step 3), images in [0, 1]."""
+    """I_aug = I*(1-M) + (1-b)*A*M + b*I*M with b ~ U(0, max_beta) (SPEC step 3), images in [0, 1].
 
-    def __init__(self, size: int, texture_dir: Path | str | None = None, max_beta: float = 0.8):
+    ``gray``: the anomaly source A is turned into its luminance first, for grayscale training images: a
+    coloured texture on a grayscale product is an anomaly told apart by colour alone, a cue that no real
+    defect from that camera has."""
+
+    def __init__(self, size: int, texture_dir: Path | str | None = None, max_beta: float = 0.8,
+                 gray: bool = False):
         self.size = size
         self.source = TextureFolder(texture_dir, size) if texture_dir else GeneratedTextures(size)
         self.max_beta = max_beta
+        self.gray = gray
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         mask = perlin_mask(self.size, rng)
         source = self.source(rng)
+        if self.gray:
+            source = to_gray(source)
         beta = float(rng.uniform(0, self.max_beta))
         m = mask[..., None].astype(np.float32)
         aug = img * (1 - m) + (1 - beta) * source * m + beta * img * m
