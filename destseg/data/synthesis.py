@@ -55,10 +55,17 @@ def perlin_mask(size, rng: np.random.Generator, threshold: float = 0.5) -> np.nd
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
 
 
-def is_grayscale(images_u8: np.ndarray) -> bool:
-    """True when every image of an (N, H, W, 3) stack has three equal channels (a grayscale camera)."""
-    return bool(len(images_u8)) and all(
-        np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]) for img in images_u8)
+GRAY_TOLERANCE = 2  # grey levels: a monochrome frame that went through a colour pipeline keeps this much
+
+
+def is_grayscale(images_u8: np.ndarray, tolerance: int = GRAY_TOLERANCE) -> bool:
+    """True when, in every image of an (N, H, W, 3) uint8 stack, each pixel's three channels lie within
+    ``tolerance`` levels of each other (a grayscale camera)."""
+    def gray(img):
+        c = img.astype(np.int16)
+        return int(np.abs(c[..., 0] - c[..., 1]).max()) <= tolerance and int(
+            np.abs(c[..., 1] - c[..., 2]).max()) <= tolerance and int(np.abs(c[..., 0] - c[..., 2]).max()) <= tolerance
+    return bool(len(images_u8)) and all(gray(img) for img in images_u8)
 
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:
