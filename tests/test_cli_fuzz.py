@@ -6,6 +6,8 @@ built (replaced here by a sentinel, so nothing trains)."""
 import argparse
 import contextlib
 import io
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +123,13 @@ def test_fuzzed_argv_never_ends_in_a_traceback(world, no_work, tmp_path):
 def test_user_errors_are_named_before_any_work(world, no_work, argv, words):
     result, err = run_cli([a.format(**world) for a in argv])
     assert result == 2 and "destseg: error:" in err and words in err, err
+
+
+def test_every_flag_is_documented():
+    """Docs that match the code: each command's flags appear in the README (or the reliability and
+    distributed-training pages it links to)."""
+    root = Path(__file__).resolve().parents[1]
+    docs = "".join((root / f).read_text() for f in ("README.md", "docs/RELIABILITY.md", "docs/DISTRIBUTED.md"))
+    missing = sorted({f"{flag} ({cmd})" for cmd, flags in COMMANDS.items() for flag in flags
+                      if not re.search(rf"{flag}(?![\w-])", docs)})
+    assert not missing, f"flags missing from README.md: {', '.join(missing)}"
