@@ -132,7 +132,8 @@ def cmd_predict(args) -> int:
     return run_predict(args.run, args.input, args.out, threshold=args.threshold,
                        pixel_threshold=args.pixel_threshold, batch_size=args.batch_size, device=args.device,
                        precision=args.precision, overwrite=args.overwrite, progress=not args.no_progress,
-                       backend=args.backend, compile=args.compile, workers=args.workers)
+                       backend=args.backend, compile=args.compile, workers=args.workers,
+                       output_size=args.output_size)
 
 
 def cmd_export(args) -> int:
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threshold", type=float, help="image-score threshold (default: the run's)")
     p.add_argument("--pixel-threshold", type=float, help="mask threshold (default: the run's)")
+    p.add_argument("--output-size", default="input", choices=["input", "model"],
+                   help="overlays and masks at each input image's size (default; the map resized back "
+                        "bilinearly) or at the model's input size")
     p.add_argument("--batch-size", type=int, default=16)
     _add_inference_args(p)
     _add_workers_arg(p, "threads that read, decode and resize the images and write the PNGs")

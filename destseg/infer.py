@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from destseg.checkpoint import atomic_write_text
 from destseg.data.datasets import TestDataset
-from destseg.data.images import hw, resize_rgb, to_rgb
+from destseg.data.images import hw, resize_map, resize_rgb, to_rgb
 from destseg.errors import DestsegError
 from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table, pixel_ranking
 from destseg.models.backbones import backbone_spec
@@ -164,6 +164,10 @@ class Prediction:
     score: float
     map: np.ndarray  # (H, W) at the model's input size (config image_size)
     is_defect: bool | None  # None when the run has no threshold yet
+
+    def map_at(self, size) -> np.ndarray:
+        """The map bilinearly resized to ``size`` (S or (H, W)), e.g. the input image's (height, width)."""
+        return resize_map(self.map, size)
 
 
 class Detector:

@@ -1,6 +1,8 @@
 """``destseg predict``: score every image under a path, stream results to disk.
 
-For each image: score, OK/defect decision, heat-map overlay PNG and binary mask PNG; one CSV and one JSON
+For each image: score, OK/defect decision, heat-map overlay PNG and binary mask PNG (at the input image's own
+size by default: the map is resized back onto it bilinearly; ``--output-size model`` keeps the model's size); one
+CSV and one JSON
 with all results (written as they come, renamed into place at the end). Unreadable files are skipped and
 listed with the reason. Memory stays bounded: paths are walked lazily and only a few batches are in flight.
 
@@ -27,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from destseg.data.images import IMAGE_EXTENSIONS, is_image_file, read_rgb, resize_rgb
+from destseg.data.images import IMAGE_EXTENSIONS, hw, is_image_file, read_rgb, resize_map, resize_rgb
 from destseg.device import io_workers
 from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector
@@ -76,24 +78,39 @@ def _ordered(pool: ThreadPoolExecutor | None, fn: Callable, items: Iterable, ahe
         yield pending.popleft().result()
 
 
-def _load(path: Path, size) -> tuple[Path, np.ndarray | None, str | None]:
-    """(path, RGB uint8 at the run's size, None) or (path, None, why it cannot be read)."""
+def _load(path: Path, size) -> tuple[Path, np.ndarray | None, str | None, tuple[int, int]]:
+    """(path, RGB uint8 at the run's size, None, the file's (height, width)) or (path, None, why it cannot be
+    read, (0, 0))."""
     try:
-        return path, resize_rgb(read_rgb(path), size), None
+        img = read_rgb(path)
+        return path, resize_rgb(img, size), None, (img.height, img.width)
     except ImageError as exc:
-        return path, None, str(exc)
+        return path, None, str(exc), (0, 0)
 
 
-def _write_pngs(over_path: Path, over: np.ndarray, mask_path: Path, mask: np.ndarray) -> None:
-    Image.fromarray(over).save(over_path)
-    Image.fromarray(mask).save(mask_path)
+def _write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray, amap: np.ndarray,
+                out_hw: tuple[int, int], vmax: float, pixel_thr: float) -> None:
+    """The overlay and mask PNGs at ``out_hw``. At another size than the model's, the map is resized
+    bilinearly and the overlay drawn over the input read again from ``source`` (a few batches of full-size
+    images are not kept in memory); should that read fail now, over the model-size copy scaled up."""
+    if amap.shape != out_hw:
+        amap = resize_map(amap, out_hw)
+        try:
+            img = resize_rgb(read_rgb(source), out_hw)  # no-op unless the file changed size meanwhile
+        except ImageError:
+            img = resize_rgb(Image.fromarray(img), out_hw)
+    Image.fromarray(overlay(img, amap, 0.0, vmax)).save(over_path)
+    Image.fromarray((amap >= pixel_thr).astype(np.uint8) * 255).save(mask_path)
 
 
 def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | None = None,
                 pixel_threshold: float | None = None, batch_size: int = 16, device: str = "auto",
                 precision: str = "auto", overwrite: bool = False, progress: bool = True,
-                backend: str = "torch", compile: str = "auto", workers: int = -1) -> int:
-    """``workers``: threads for reading and writing images (-1: :func:`destseg.device.io_workers`; 0: none)."""
+                backend: str = "torch", compile: str = "auto", workers: int = -1, output_size: str = "input") -> int:
+    """``workers``: threads for reading and writing images (-1: :func:`destseg.device.io_workers`; 0: none);
+    ``output_size``: overlays and masks at each ``input`` image's size or at the ``model``'s."""
+    if output_size not in ("input", "model"):
+        raise DestsegError(f"--output-size must be input or model (got {output_size!r})")
     if batch_size < 1:
         raise DestsegError(f"--batch-size must be at least 1 (got {batch_size})")
     if workers < -1:
@@ -110,6 +127,7 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     (out / "masks").mkdir(parents=True, exist_ok=True)
     base, paths = iter_inputs(input_spec)
     size = det.config["image_size"]
+    model_hw = hw(size)
     workers = io_workers(det.device) if workers < 0 else workers
     # Colour scale of the overlays: fixed per run, so that images are comparable (0 .. 2x the pixel threshold).
     vmax = 2 * pixel_thr if pixel_thr > 0 else 1.0
@@ -124,14 +142,14 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     try:
         with open(csv_tmp, "w", newline="") as fcsv, open(json_tmp, "w") as fjson:
             writer = csv.writer(fcsv)
-            writer.writerow(["file", "score", "decision", "overlay", "mask"])
+            writer.writerow(["file", "score", "decision", "overlay", "mask", "height", "width"])
             fjson.write('{"results": [\n')
             first = True
 
             def flush(batch):
                 nonlocal first, n_done, n_defect
-                preds = det.predict_batch([img for _, img in batch], threshold=image_thr)
-                for (path, img), pred in zip(batch, preds):
+                preds = det.predict_batch([img for _, img, _ in batch], threshold=image_thr)
+                for (path, img, in_hw), pred in zip(batch, preds):
                     rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
                     stem = rel.with_suffix("")
                     if str(stem) in used:  # a.png and a.jpg side by side: the second keeps its extension
@@ -141,18 +159,19 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
                     mask_path = out / "masks" / f"{stem}.png"
                     over_path.parent.mkdir(parents=True, exist_ok=True)
                     mask_path.parent.mkdir(parents=True, exist_ok=True)
-                    over = overlay(img, pred.map, 0.0, vmax)
-                    mask = (pred.map >= pixel_thr).astype(np.uint8) * 255
+                    job = (over_path, mask_path, path, img, pred.map,
+                           in_hw if output_size == "input" else model_hw, vmax, pixel_thr)
                     if pool is None:
-                        _write_pngs(over_path, over, mask_path, mask)
+                        _write_pngs(*job)
                     else:
-                        writes.append(pool.submit(_write_pngs, over_path, over, mask_path, mask))
+                        writes.append(pool.submit(_write_pngs, *job))
                         while len(writes) > 4 * batch_size:
                             writes.popleft().result()
                     decision = "defect" if pred.is_defect else "ok"
                     n_defect += pred.is_defect
                     row = {"file": str(path), "score": pred.score, "decision": decision,
-                           "overlay": str(over_path.relative_to(out)), "mask": str(mask_path.relative_to(out))}
+                           "overlay": str(over_path.relative_to(out)), "mask": str(mask_path.relative_to(out)),
+                           "height": in_hw[0], "width": in_hw[1]}
                     writer.writerow(row.values())
                     fjson.write(("" if first else ",\n") + json.dumps(row))
                     first = False
@@ -160,12 +179,12 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
                 bar.update(len(batch))
 
             batch = []
-            for path, img, error in _ordered(pool, lambda p: _load(p, size), paths, 2 * batch_size):
+            for path, img, error, in_hw in _ordered(pool, lambda p: _load(p, size), paths, 2 * batch_size):
                 if error is not None:
                     skipped.append({"file": str(path), "reason": error})
                     bar.update(1)
                     continue
-                batch.append((path, img))
+                batch.append((path, img, in_hw))
                 if len(batch) == batch_size:
                     flush(batch)
                     batch = []

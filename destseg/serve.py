@@ -1,7 +1,7 @@
 """``destseg serve``: an HTTP service (FastAPI + uvicorn) around one loaded run, with micro-batching.
 
 Endpoints: ``POST /predict`` (the image as the raw body with an ``image/*`` content type, or as the
-multipart field ``file``; query ``threshold``, ``overlay``, ``mask``), ``GET /health``, and ``GET /``, a
+multipart field ``file``; query ``threshold``, ``overlay``, ``mask``, ``output_size``), ``GET /health``, and ``GET /``, a
 page to drop images on. Concurrent requests are gathered into batches of up to ``max_batch`` images,
 waiting at most ``max_wait_ms`` for the batch to fill, and run one batch at a time. Every bad request gets
 a 4xx JSON ``{"error": ...}`` naming the problem; the service keeps serving.
@@ -28,7 +28,7 @@ try:
 except ImportError:  # checked with a clear message in serve()
     FastAPI = Request = HTMLResponse = JSONResponse = None
 
-from destseg.data.images import decode_rgb, resize_rgb
+from destseg.data.images import decode_rgb, hw, resize_map, resize_rgb
 from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector, Prediction
 from destseg.visualize import overlay as heat_overlay
@@ -156,8 +156,10 @@ def create_app(detector: Detector, max_batch: int = 16, max_wait_ms: float = 5.0
 
     @app.post("/predict")
     async def predict(request: Request, threshold: float | None = None, overlay: bool = False,
-                      mask: bool = False):
+                      mask: bool = False, output_size: str = "input"):
         t0 = time.perf_counter()
+        if output_size not in ("input", "model"):
+            return error(400, f"output_size must be input or model (got {output_size!r})")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         name = "upload"
         if ctype == "multipart/form-data":
@@ -194,18 +196,30 @@ def create_app(detector: Detector, max_batch: int = 16, max_wait_ms: float = 5.0
                   "timing_ms": {"decode": decode_ms, **{k: v for k, v in timing.items() if k != "batch_size"}},
                   "batch_size": timing["batch_size"]}
         result["decision"] = None if thr is None else ("defect" if result["is_defect"] else "ok")
-        if overlay:
-            vmax = 2 * pixel_thr if pixel_thr else max(float(pred.map.max()), 1e-6)
-            result["overlay_png"] = _png_b64(heat_overlay(resize_rgb(image, size), pred.map, 0.0, vmax))
-        if mask:
-            if pixel_thr is None:
-                return error(400, "the run has no pixel threshold: mask unavailable (train with this version "
-                                  "or run `destseg test`)")
-            result["mask_png"] = _png_b64((pred.map >= pixel_thr).astype(np.uint8) * 255)
+        if mask and pixel_thr is None:
+            return error(400, "the run has no pixel threshold: mask unavailable (train with this version "
+                              "or run `destseg test`)")
+        if overlay or mask:  # resizing and PNG encoding off the event loop: a large frame takes a while
+            out_hw = (image.height, image.width) if output_size == "input" else hw(size)
+            result.update(await asyncio.get_running_loop().run_in_executor(
+                None, _images, image, pred.map, out_hw, overlay, mask, pixel_thr))
         result["timing_ms"]["total"] = 1000 * (time.perf_counter() - t0)
         return result
 
     return app
+
+
+def _images(image, amap: np.ndarray, out_hw: tuple[int, int], overlay: bool, mask: bool,
+            pixel_thr: float | None) -> dict:
+    """Base64 PNGs of the heat-map overlay and the mask at ``out_hw`` (the map resized bilinearly)."""
+    out = {}
+    vmax = 2 * pixel_thr if pixel_thr else max(float(amap.max()), 1e-6)
+    amap = resize_map(amap, out_hw)
+    if overlay:
+        out["overlay_png"] = _png_b64(heat_overlay(resize_rgb(image, out_hw), amap, 0.0, vmax))
+    if mask:
+        out["mask_png"] = _png_b64((amap >= pixel_thr).astype(np.uint8) * 255)
+    return out
 
 
 async def _multipart_file(request, body: bytes) -> tuple[bytes | None, str]:

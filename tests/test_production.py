@@ -122,6 +122,34 @@ def test_predict_with_io_threads_matches_main_thread(tiny_run, tmp_path):
                  "--no-progress"]) == 2
 
 
+def test_predict_outputs_at_the_input_size(tiny_run, tmp_path):
+    """A frame of another size than the model's gets its overlay and mask at its own size (the map resized
+    back bilinearly, the mask thresholded after resizing); --output-size model keeps the model's size; both
+    agree with the Python API's Prediction.map_at."""
+    from destseg.infer import Detector
+
+    run, root = tiny_run
+    inp = tmp_path / "in"
+    inp.mkdir()
+    src = sorted((root / "widget" / "test").rglob("*.png"))[-1]
+    Image.open(src).resize((150, 90)).save(inp / "frame.png")  # width 150, height 90; the model runs at 64
+    det = Detector.load(run, precision="fp32")
+    pred = det.predict(inp / "frame.png")
+    thr = json.loads((run / "thresholds.json").read_text())["pixel"]
+    for size, expected in (("input", (90, 150)), ("model", (64, 64))):
+        out = tmp_path / size
+        assert main(["predict", "--run", str(run), "--input", str(inp), "--out", str(out), "--output-size", size,
+                     "--precision", "fp32", "--no-progress"]) == 0
+        mask = np.asarray(Image.open(out / "masks" / "frame.png"))
+        assert Image.open(out / "overlays" / "frame.png").size == expected[::-1] and mask.shape == expected
+        np.testing.assert_array_equal(mask > 0, pred.map_at(expected) >= thr)
+        row = json.loads((out / "results.json").read_text())["results"][0]
+        assert (row["height"], row["width"]) == (90, 150)
+    big = pred.map_at((90, 150))
+    assert big.shape == (90, 150) and big.min() >= pred.map.min() - 1e-6 and big.max() <= pred.map.max() + 1e-6
+    assert pred.map_at(64) is pred.map
+
+
 def test_predict_glob_and_threshold_override(tiny_run, tmp_path):
     run, root = tiny_run
     out = tmp_path / "out"
@@ -233,7 +261,11 @@ def test_non_square_run_trains_tests_predicts_and_exports(tmp_path):
     pred_dir = tmp_path / "pred"
     assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(pred_dir),
                  "--no-progress"]) == 0
-    overlay_png = next((pred_dir / "overlays").rglob("*.png"))
+    row = json.loads((pred_dir / "results.json").read_text())["results"][0]
+    overlay_png = pred_dir / row["overlay"]
+    assert Image.open(overlay_png).size == Image.open(row["file"]).size  # the input's own size
+    assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(pred_dir),
+                 "--output-size", "model", "--overwrite", "--no-progress"]) == 0
     assert Image.open(overlay_png).size == (128, 64)
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", "--run", str(run), "--out", str(onnx_path)]) == 0

@@ -71,8 +71,13 @@ def test_predict_raw_body_and_multipart(client):
     j = r.json()
     assert isinstance(j["score"], float) and j["decision"] in ("ok", "defect") and (j["width"], j["height"]) == (100, 80)
     assert {"decode", "queue_ms", "infer_ms", "total"} <= set(j["timing_ms"])
-    for key in ("overlay_png", "mask_png"):
-        assert Image.open(io.BytesIO(base64.b64decode(j[key]))).size == (64, 64)
+    for key in ("overlay_png", "mask_png"):  # at the upload's size by default, the model's on request
+        assert Image.open(io.BytesIO(base64.b64decode(j[key]))).size == (100, 80)
+    small = client.post("/predict?mask=true&output_size=model", content=IMAGE,
+                        headers={"content-type": "image/png"}).json()
+    assert Image.open(io.BytesIO(base64.b64decode(small["mask_png"]))).size == (64, 64)
+    bad = client.post("/predict?output_size=big", content=IMAGE, headers={"content-type": "image/png"})
+    assert bad.status_code == 400 and "output_size" in bad.json()["error"]
     m = client.post("/predict", files={"file": ("part.png", IMAGE, "image/png")}).json()
     assert m["score"] == pytest.approx(j["score"], abs=1e-6)
     # A threshold in the request decides; the run's threshold is unchanged.

@@ -135,3 +135,11 @@ def resize_mask(mask: np.ndarray, size) -> np.ndarray:
         return mask.astype(bool)
     img = Image.fromarray(mask.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
     return np.asarray(img) >= 0.5
+
+
+def resize_map(anomaly_map: np.ndarray, size) -> np.ndarray:
+    """An (H, W) anomaly map bilinearly resized to ``size`` (S or (H, W)), e.g. back onto the input image."""
+    h, w = hw(size)
+    if anomaly_map.shape == (h, w):
+        return anomaly_map
+    return np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
