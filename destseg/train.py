@@ -31,7 +31,7 @@ from destseg import __version__
 from destseg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from destseg.data import AnomalySynthesizer, StepSampler, TrainDataset
 from destseg.data.datasets import (
-    CATEGORY_ROTATION, DataSource, DatasetIndex, TestDataset, TestSample, load_resized, seed_worker,
+    CATEGORY_ROTATION, DataSource, DatasetIndex, TestDataset, TestSample, load_resized, seed_worker, shape_note,
 )
 from destseg.data.device_synthesis import DeviceAugment, texture_bank
 from destseg.data.synthesis import is_grayscale
@@ -247,12 +247,13 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
     on_device = synthesis_on_device(options.synthesis, device)
     images = load_resized(train_paths, config.image_size)
     gray, gray_why = resolve_anomaly_color(options.anomaly_color, images) if synthesis else (False, "no synthesis")
+    typical_size, shape_why = shape_note(train_paths, config.image_size)
     resolved = {"rotation": rotation, "rotation_source": rotation_why,
                 "anomaly_source": _anomaly_source(synthesis, texture_dir),
                 "anomaly_color": ("gray" if gray else "rgb") if synthesis else "none",
                 "anomaly_color_source": gray_why,
                 "synthesis": "batched on " + device.type if on_device else "per sample on the CPU (NumPy)",
-                "train_images": len(train_paths),
+                "train_images": len(train_paths), "train_image_size": typical_size, "shape_note": shape_why,
                 "threshold_images": len(threshold_paths) or len(train_paths),
                 "threshold_images_source": "held out of training" if threshold_paths else
                 "the training images themselves (too few to hold any out): optimistic"}
@@ -322,6 +323,8 @@ def _start_run_files(run_dir: Path, model_name: str, config, data, options: Trai
         print(f"destseg: note: {resolved['rotation_source']}", file=sys.stderr)
     if resolved["anomaly_color_source"].startswith("auto: all"):
         print(f"destseg: note: {resolved['anomaly_color_source']}", file=sys.stderr)
+    if resolved["shape_note"]:
+        print(f"destseg: note: {resolved['shape_note']}", file=sys.stderr)
     if resolved["anomaly_source"].startswith("WARNING"):
         print(f"destseg: {resolved['anomaly_source']}", file=sys.stderr)
     with open(run_dir / "train.log", "a") as f:

@@ -239,3 +239,21 @@ def test_anomaly_colour_follows_the_training_images(tmp_path, mode, flag, expect
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["anomaly_color"] == expected
     assert resolved["anomaly_color_source"].startswith("--anomaly-color" if flag else "auto")
+    assert resolved["train_image_size"] == "64x64" and resolved["shape_note"] is None
+
+
+def test_shape_note_when_the_model_input_distorts_the_training_images(tmp_path):
+    """Images are resized without a crop: a 2.5:1 frame into a square input gets a note with a size that
+    keeps its shape (multiples of 32, about the same pixel count); a matching shape gets none."""
+    from destseg.data.datasets import shape_note
+
+    wide = []
+    for i, (w, h) in enumerate([(1260, 500), (1260, 500), (1250, 510)]):
+        wide.append(tmp_path / f"w{i}.png")
+        Image.new("RGB", (w, h)).save(wide[-1])
+    typical, note = shape_note(wide, 256)
+    assert typical == "1260x500 (median of 2 different sizes)"
+    assert note is not None and "--image-size 160 416" in note and "2.5x" in note
+    assert shape_note(wide, (160, 416))[1] is None
+    Image.new("RGB", (64, 64)).save(tmp_path / "sq.png")
+    assert shape_note([tmp_path / "sq.png"], 64) == ("64x64", None)

@@ -251,6 +251,25 @@ def load_resized(paths: list[Path], size) -> np.ndarray:
     return out
 
 
+def shape_note(paths: list[Path], size) -> tuple[str, str | None]:
+    """(the training images' typical size, a note when their aspect ratio is far from the model input's):
+    images are resized without a crop, so a 2:1 frame into a square input is squashed 2x in width. Reads
+    image headers only."""
+    sizes = np.array([Image.open(p).size for p in paths], dtype=np.float64)  # (width, height)
+    w, h = (int(v) for v in np.median(sizes, axis=0))
+    distinct = len({tuple(s) for s in sizes.astype(int).tolist()})
+    typical = f"{w}x{h}" + (f" (median of {distinct} different sizes)" if distinct > 1 else "")
+    mh, mw = hw(size)
+    stretch = (w / h) / (mw / mh)
+    if max(stretch, 1 / stretch) < 1.3:
+        return typical, None
+    new_h = max(32, round(np.sqrt(mh * mw * h / w) / 32) * 32)
+    new_w = max(32, round(new_h * w / h / 32) * 32)
+    return typical, (f"the training images are {typical}, width/height {w / h:.2f}, but the model input is "
+                     f"{mw}x{mh} ({mw / mh:.2f}): resizing without a crop distorts them {max(stretch, 1 / stretch):.1f}x; "
+                     f"--image-size {new_h} {new_w} (height width) keeps their shape at about the same cost")
+
+
 def rotate_image(img: np.ndarray, rotation: str, rng: np.random.Generator) -> np.ndarray:
     if rotation == "none":
         return img
