@@ -255,7 +255,11 @@ def shape_note(paths: list[Path], size) -> tuple[str, str | None]:
     """(the training images' typical size, a note when their aspect ratio is far from the model input's):
     images are resized without a crop, so a 2:1 frame into a square input is squashed 2x in width. Reads
     image headers only."""
-    sizes = np.array([Image.open(p).size for p in paths], dtype=np.float64)  # (width, height)
+    def size_of(path):
+        with Image.open(path) as im:
+            return im.size  # (width, height)
+
+    sizes = np.array([size_of(p) for p in paths], dtype=np.float64)
     w, h = (int(v) for v in np.median(sizes, axis=0))
     distinct = len({tuple(s) for s in sizes.astype(int).tolist()})
     typical = f"{w}x{h}" + (f" (median of {distinct} different sizes)" if distinct > 1 else "")
