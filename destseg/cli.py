@@ -43,9 +43,13 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def cmd_inspect(args) -> int:
     from destseg.data import scan_dataset, validate
+    from destseg.data.datasets import shape_note
 
     index = validate(scan_dataset(args.data, args.category, args.layout))
     summary = index.summary()
+    readable = [p for p in index.train if not any(str(p) in problem for problem in summary["problems"])]
+    if readable:  # what the default 256x256 input does to them (train repeats this for its own size)
+        summary["train_image_size"], summary["shape_note"] = shape_note(readable, 256)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -53,6 +57,10 @@ def cmd_inspect(args) -> int:
             print(f"{k:>12}: {summary[k]}")
         for name, count in summary["defect_types"].items():
             print(f"{'':>12}  {name}: {count}")
+        if "train_image_size" in summary:
+            print(f"{'train size':>12}: {summary['train_image_size']}")
+        if summary.get("shape_note"):
+            print(f"{'note':>12}: {summary['shape_note']}")
         print(f"{'problems':>12}: {len(summary['problems'])}")
         for p in summary["problems"]:
             print(f"  - {p}")

@@ -26,6 +26,7 @@ def test_inspect_cli_json(tiny_mvtec, capsys):
     assert main(["inspect", "--data", str(tiny_mvtec), "--category", "widget", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["train"] == 6 and out["test_defect"] == 2 and out["problems"] == []
+    assert out["train_image_size"] == "64x64" and out["shape_note"] is None
 
 
 def test_inspect_shared_bottle(shared_bottle, capsys):
