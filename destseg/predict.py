@@ -1,9 +1,8 @@
 """``destseg predict``: score every image under a path, stream results to disk.
 
 For each image: score, OK/defect decision, heat-map overlay PNG and binary mask PNG (at the input image's own
-size by default: the map is resized back onto it bilinearly; ``--output-size model`` keeps the model's size); one
-CSV and one JSON
-with all results (written as they come, renamed into place at the end). Unreadable files are skipped and
+size by default: the map is resized back onto it bilinearly; ``--output-size model`` keeps the model's size);
+one CSV and one JSON with all results (written as they come, renamed into place at the end). Unreadable files are skipped and
 listed with the reason. Memory stays bounded: paths are walked lazily and only a few batches are in flight.
 
 Reading, decoding and resizing the inputs and encoding the PNGs run on a thread pool (``workers``; Pillow

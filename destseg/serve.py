@@ -1,8 +1,8 @@
 """``destseg serve``: an HTTP service (FastAPI + uvicorn) around one loaded run, with micro-batching.
 
 Endpoints: ``POST /predict`` (the image as the raw body with an ``image/*`` content type, or as the
-multipart field ``file``; query ``threshold``, ``overlay``, ``mask``, ``output_size``), ``GET /health``, and ``GET /``, a
-page to drop images on. Concurrent requests are gathered into batches of up to ``max_batch`` images,
+multipart field ``file``; query ``threshold``, ``overlay``, ``mask``, ``output_size``), ``GET /health``,
+and ``GET /``, a page to drop images on. Concurrent requests are gathered into batches of up to ``max_batch`` images,
 waiting at most ``max_wait_ms`` for the batch to fill, and run one batch at a time. Every bad request gets
 a 4xx JSON ``{"error": ...}`` naming the problem; the service keeps serving.
 """

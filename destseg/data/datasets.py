@@ -269,8 +269,9 @@ def shape_note(paths: list[Path], size) -> tuple[str, str | None]:
         return typical, None
     new_h = max(32, round(np.sqrt(mh * mw * h / w) / 32) * 32)
     new_w = max(32, round(new_h * w / h / 32) * 32)
+    factor = max(stretch, 1 / stretch)
     return typical, (f"the training images are {typical}, width/height {w / h:.2f}, but the model input is "
-                     f"{mw}x{mh} ({mw / mh:.2f}): resizing without a crop distorts them {max(stretch, 1 / stretch):.1f}x; "
+                     f"{mw}x{mh} ({mw / mh:.2f}): resizing without a crop distorts them {factor:.1f}x; "
                      f"--image-size {new_h} {new_w} (height width) keeps their shape at about the same cost")
 
 

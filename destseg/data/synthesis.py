@@ -63,8 +63,7 @@ def is_grayscale(images_u8: np.ndarray, tolerance: int = GRAY_TOLERANCE) -> bool
     ``tolerance`` levels of each other (a grayscale camera)."""
     def gray(img):
         c = img.astype(np.int16)
-        return int(np.abs(c[..., 0] - c[..., 1]).max()) <= tolerance and int(
-            np.abs(c[..., 1] - c[..., 2]).max()) <= tolerance and int(np.abs(c[..., 0] - c[..., 2]).max()) <= tolerance
+        return int((c.max(axis=-1) - c.min(axis=-1)).max()) <= tolerance  # the largest difference between two channels
     return bool(len(images_u8)) and all(gray(img) for img in images_u8)
 
 
