@@ -77,6 +77,10 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
     run = out / job.name
     bench_file = run / "bench.json"
     info = json.loads(bench_file.read_text()) if bench_file.is_file() else {}
+    extra = list(getattr(args, "train_args", []) or [])
+    if run.exists() and info.get("train_args", []) != extra:
+        raise DestsegError(f"{run} was trained with train options {info.get('train_args', [])} and this benchmark "
+                           f"asks for {extra}: use another --out, or the same options")
     py = [sys.executable, "-m", "destseg"]
     if not info.get("trained") and _finished(run / "checkpoint.pt"):  # trained, but not recorded here
         info["trained"] = True
@@ -88,8 +92,10 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
             cmd = py + ["train", "--out", str(run), "--resume", "--no-progress"]
         else:
             cmd += ["--teacher", args.teacher] + (["--texture-dir", args.texture_dir] if args.texture_dir else [])
-            if run.exists():
-                cmd.append("--overwrite")
+            cmd += ["--overwrite", *extra]  # the run directory is benchmark's: it holds bench.json already
+            run.mkdir(parents=True, exist_ok=True)
+            info["train_args"] = extra
+            atomic_write_text(bench_file, json.dumps(info, indent=2))
         code, peak = _run_child(cmd, out / f"{job.name}.log", env)
         if code != 0:
             raise DestsegError(f"{job.name}: training failed with exit code {code}; see {out / (job.name + '.log')}")
@@ -115,7 +121,8 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
 
 def results_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results ({meta['schedule']} schedule)", "",
-             f"destseg {meta['library_version']}, {meta['hardware']}, torch {meta['torch']}.", "",
+             f"destseg {meta['library_version']}, {meta['hardware']}, torch {meta['torch']}."
+             + (f" Train options: `{' '.join(meta['train_args'])}`." if meta.get("train_args") else ""), "",
              "| run | teacher | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min | infer img/s "
              "| peak RSS MiB | peak GPU MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -266,7 +273,8 @@ def run_benchmark(args) -> int:
             bar.update(1)
     bar.close()
     meta = {"library_version": __version__, "hardware": hardware(), "torch": torch.__version__,
-            "schedule": args.schedule, "data": roots, "elapsed_minutes": (time.time() - t0) / 60}
+            "schedule": args.schedule, "train_args": list(getattr(args, "train_args", []) or []), "data": roots,
+            "elapsed_minutes": (time.time() - t0) / 60}
     atomic_write_text(out / "results.json", json.dumps({"meta": meta, "runs": rows,
                                                         "mean_over_categories": mean_over_categories(rows),
                                                         "published": PUBLISHED}, indent=2) + "\n")

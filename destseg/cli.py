@@ -190,9 +190,39 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.out), overwrite=args.overwrite, steps=args.steps)
 
 
+# Set by `benchmark` itself for every run (or by its own flag of the same name): not train options to pass.
+BENCHMARK_OWNS = ("--data", "--category", "--model", "--out", "--seed", "--schedule", "--teacher", "--texture-dir",
+                  "--device", "--resume", "--overwrite", "--no-progress")
+
+
+def check_train_args(extra: list[str]) -> list[str]:
+    """The train options given to ``benchmark`` after ``--``, checked as ``train`` would parse them."""
+    import contextlib
+    import io
+
+    extra = extra[1:] if extra[:1] == ["--"] else extra
+    if extra and not extra[0].startswith("-"):
+        raise DestsegError(f"benchmark: unexpected argument '{extra[0]}' (train options go after --, e.g. "
+                           "-- --anomaly-color rgb)")
+    owned = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in BENCHMARK_OWNS})
+    if owned:
+        raise DestsegError(f"benchmark: {', '.join(owned)} after -- is set by benchmark for each run; use "
+                           "benchmark's own flag where it has one (--data, --schedule, --teacher, --texture-dir, "
+                           "--device, --seeds, --out)")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            build_parser().parse_args(["train", "--out", "x", *extra])
+    except SystemExit:
+        msg = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise DestsegError(f"benchmark: train options after --: {msg}") from None
+    return extra
+
+
 def cmd_benchmark(args) -> int:
     from destseg.benchmark import run_benchmark
 
+    args.train_args = check_train_args(args.train_args)
     return run_benchmark(args)
 
 
@@ -336,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_OPTIONS",
+                   help="train options for every run, after --, e.g. -- --anomaly-color rgb --image-size 224")
     p.set_defaults(func=cmd_benchmark)
     return parser
 

@@ -216,6 +216,32 @@ def test_benchmark_command_tiny(tmp_path):
     assert (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime == mtime
 
 
+def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
+    root = make_mvtec(tmp_path / "data")
+    schedule = tmp_path / "tiny.json"
+    schedule.write_text(json.dumps({"destseg": {"image_size": 64, "batch_size": 2, "steps": 2, "student_steps": 1}}))
+    out = tmp_path / "bench"
+    base = ["benchmark", "--data", str(root), "--categories", "widget", "--models", "destseg", "--schedule",
+            str(schedule), "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(base + ["--", "--anomaly-color", "gray", "--log-every", "1"]) == 0
+    config = json.loads((out / "widget-destseg-s0" / "config.json").read_text())
+    assert config["resolved"]["anomaly_color"] == "gray"
+    assert json.loads((out / "results.json").read_text())["meta"]["train_args"] == [
+        "--anomaly-color", "gray", "--log-every", "1"]
+    assert "Train options: `--anomaly-color gray --log-every 1`" in (out / "results.md").read_text()
+    capsys.readouterr()
+    # The same --out with other options would mix two experiments in one table: refused, nothing retrained.
+    assert main(base + ["--", "--anomaly-color", "rgb"]) == 2
+    assert "widget-destseg-s0 was trained with train options" in capsys.readouterr().err
+    for extra, says in ((["--anomaly-color", "purple"], "argument --anomaly-color: invalid choice"),
+                        (["--seed=3"], "--seed after -- is set by benchmark"),
+                        (["--bogus"], "unrecognized arguments: --bogus")):
+        assert main(base + ["--", *extra]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+    assert main(base + ["stray"]) == 2
+    assert "unexpected argument 'stray'" in capsys.readouterr().err
+
+
 def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
     """No `destseg test`: the threshold comes from good training images held out of training."""
     root = make_mvtec(tmp_path / "d", n_train=12)
