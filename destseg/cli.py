@@ -191,8 +191,8 @@ def cmd_demo(args) -> int:
 
 
 # Set by `benchmark` itself for every run (or by its own flag of the same name): not train options to pass.
-BENCHMARK_OWNS = ("--data", "--category", "--model", "--out", "--seed", "--schedule", "--teacher", "--texture-dir",
-                  "--device", "--resume", "--overwrite", "--no-progress")
+BENCHMARK_OWNS = ("data", "category", "model", "out", "seed", "schedule", "teacher", "texture_dir", "device",
+                  "resume", "overwrite", "no_progress")
 
 
 def check_train_args(extra: list[str]) -> list[str]:
@@ -204,18 +204,19 @@ def check_train_args(extra: list[str]) -> list[str]:
     if extra and not extra[0].startswith("-"):
         raise DestsegError(f"benchmark: unexpected argument '{extra[0]}' (train options go after --, e.g. "
                            "-- --anomaly-color rgb)")
-    owned = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in BENCHMARK_OWNS})
-    if owned:
-        raise DestsegError(f"benchmark: {', '.join(owned)} after -- is set by benchmark for each run; use "
-                           "benchmark's own flag where it has one (--data, --schedule, --teacher, --texture-dir, "
-                           "--device, --seeds, --out)")
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            build_parser().parse_args(["train", "--out", "x", *extra])
+            parsed = vars(build_parser().parse_args(["train", "--out", "x", *extra]))
     except SystemExit:
         msg = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
         raise DestsegError(f"benchmark: train options after --: {msg}") from None
+    default = vars(build_parser().parse_args(["train", "--out", "x"]))
+    owned = [f"--{k.replace('_', '-')}" for k in BENCHMARK_OWNS if parsed[k] != default[k]]
+    if owned:  # compared after parsing, so that abbreviations (--mod) are caught too
+        raise DestsegError(f"benchmark: {', '.join(owned)} after -- is set by benchmark for each run; use "
+                           "benchmark's own flag where it has one (--data, --schedule, --teacher, --texture-dir, "
+                           "--device, --seeds, --out)")
     return extra
 
 

@@ -235,6 +235,7 @@ def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
     assert "widget-destseg-s0 was trained with train options" in capsys.readouterr().err
     for extra, says in ((["--anomaly-color", "purple"], "argument --anomaly-color: invalid choice"),
                         (["--seed=3"], "--seed after -- is set by benchmark"),
+                        (["--mod", "tesd"], "--model after -- is set by benchmark"),
                         (["--bogus"], "unrecognized arguments: --bogus")):
         assert main(base + ["--", *extra]) == 2, extra
         assert says in capsys.readouterr().err, extra
