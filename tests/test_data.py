@@ -1,5 +1,6 @@
 import json
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -83,6 +84,29 @@ def test_mode_conversions(tmp_path):
         img = read_rgb(p)
         assert img.mode == "RGB"
         assert np.asarray(img)[0, 0].tolist() == [value] * 3
+
+
+def test_narrow_16bit_frame_is_reported_once(tmp_path, monkeypatch):
+    import destseg.data.images as images
+
+    monkeypatch.setattr(images, "_noted_narrow_16bit", False)
+    frames = []
+    for i, top in enumerate((4095, 1000)):  # a 12-bit and a 10-bit camera frame stored as 16-bit PNGs
+        frames.append(tmp_path / f"cam{i}.png")
+        Image.fromarray(np.linspace(0, top, 64, dtype=np.uint16).reshape(8, 8)).save(frames[-1])
+    with pytest.warns(UserWarning, match=r"cam0.png: 16-bit image whose values reach only 4095.*16 grey level") as seen:
+        assert np.asarray(read_rgb(frames[0])).max() == 15
+        read_rgb(frames[1])
+    assert len(seen) == 1
+    from destseg.cli import _format_warning  # the CLI prints it like its errors
+
+    assert _format_warning("m", UserWarning, seen[0].filename, seen[0].lineno) == "destseg: warning: m\n"
+    monkeypatch.setattr(images, "_noted_narrow_16bit", False)
+    full = tmp_path / "full.png"
+    Image.fromarray(np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)).save(full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_rgb(full)
 
 
 def test_huge_header_refused_without_decoding(tmp_path):

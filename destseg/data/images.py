@@ -2,7 +2,8 @@
 
 Every decoding failure becomes an :class:`ImageError` naming the file. Conversions (documented in the
 README): grayscale, palette, RGBA/LA (alpha dropped, not composited), CMYK and 16-bit images are
-converted to 8-bit RGB; 16-bit values are scaled by 1/257. Masks: any non-zero pixel is a defect.
+converted to 8-bit RGB; 16-bit values are scaled by 1/257 (a warning when a 16-bit frame uses 12 bits or
+fewer). Masks: any non-zero pixel is a defect.
 """
 
 from __future__ import annotations
@@ -76,14 +77,31 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+_noted_narrow_16bit = False
+
+
+def _note_narrow_16bit(arr: np.ndarray, path) -> None:
+    """Warn (once per process) about a 16-bit frame that uses 12 bits or fewer: a 12-bit camera's 0-4095
+    divided by 257 keeps at most 16 grey levels."""
+    global _noted_narrow_16bit
+    top = int(arr.max(initial=0))
+    if 0 < top < 4096 and not _noted_narrow_16bit:
+        _noted_narrow_16bit = True
+        warnings.warn(f"{path}: 16-bit image whose values reach only {top} (a 10/12-bit camera?): converted to "
+                      f"8 bits by dividing by 257, it keeps {top // 257 + 1} grey level(s); scale such frames to "
+                      "the full 16-bit (or 8-bit) range first", stacklevel=3)
+
+
 def to_rgb(img: Image.Image, path: Path | str = "<array>") -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (see module docstring)."""
     try:
         if img.mode == "RGB":
             return img
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = _to_uint8(np.asarray(img))
-            return Image.fromarray(arr, mode="L").convert("RGB")
+            arr = np.asarray(img)
+            if img.mode.startswith("I;16"):
+                _note_narrow_16bit(arr, path)
+            return Image.fromarray(_to_uint8(arr), mode="L").convert("RGB")
         if img.mode in ("RGBA", "LA", "PA"):
             return img.convert("RGBA").convert("RGB") if img.mode == "PA" else img.convert("RGB")
         return img.convert("RGB")
