@@ -44,13 +44,14 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def cmd_inspect(args) -> int:
     from destseg.data import scan_dataset, validate
-    from destseg.data.datasets import shape_note
+    from destseg.data.datasets import shape_note, train_color
 
     index = validate(scan_dataset(args.data, args.category, args.layout))
     summary = index.summary()
     readable = [p for p in index.train if not any(str(p) in problem for problem in summary["problems"])]
     if readable:  # what the default 256x256 input does to them (train repeats this for its own size)
         summary["train_image_size"], summary["shape_note"] = shape_note(readable, 256)
+        summary["train_color"] = train_color(readable)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -60,6 +61,8 @@ def cmd_inspect(args) -> int:
             print(f"{'':>12}  {name}: {count}")
         if "train_image_size" in summary:
             print(f"{'train size':>12}: {summary['train_image_size']}")
+        if "train_color" in summary:
+            print(f"{'colour':>12}: {summary['train_color']}")
         if summary.get("shape_note"):
             print(f"{'note':>12}: {summary['shape_note']}")
         print(f"{'problems':>12}: {len(summary['problems'])}")

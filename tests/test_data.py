@@ -28,6 +28,15 @@ def test_inspect_cli_json(tiny_mvtec, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["train"] == 6 and out["test_defect"] == 2 and out["problems"] == []
     assert out["train_image_size"] == "64x64" and out["shape_note"] is None
+    assert out["train_color"] == "colour"
+    train = sorted((tiny_mvtec / "widget" / "train" / "good").iterdir())
+    for p in train[1:]:  # a monochrome camera: what --anomaly-color auto will do is reported before training
+        Image.open(p).convert("L").save(p)
+    assert main(["inspect", "--data", str(tiny_mvtec), "--category", "widget", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_color"].startswith("mixed (5 of 6 training images grayscale)")
+    Image.open(train[0]).convert("L").save(train[0])
+    assert main(["inspect", "--data", str(tiny_mvtec), "--category", "widget"]) == 0
+    assert "colour: grayscale (all 6 training images): --anomaly-color auto blends gray" in capsys.readouterr().out
 
 
 def test_inspect_shared_bottle(shared_bottle, capsys):

@@ -19,7 +19,7 @@ from PIL import Image
 from destseg.data.images import (
     hw, is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
 )
-from destseg.data.synthesis import AnomalySynthesizer
+from destseg.data.synthesis import AnomalySynthesizer, is_grayscale
 from destseg.errors import DatasetError, ImageError
 
 # SPEC: per-category train-time rotation applied to the clean image before synthesis.
@@ -273,6 +273,16 @@ def shape_note(paths: list[Path], size) -> tuple[str, str | None]:
     return typical, (f"the training images are {typical}, width/height {w / h:.2f}, but the model input is "
                      f"{mw}x{mh} ({mw / mh:.2f}): resizing without a crop distorts them {factor:.1f}x; "
                      f"--image-size {new_h} {new_w} (height width) keeps their shape at about the same cost")
+
+
+def train_color(paths: list[Path]) -> str:
+    """Whether the training images are grayscale, in words, with what ``--anomaly-color auto`` makes of it."""
+    gray = sum(is_grayscale(np.asarray(read_rgb(p))[None]) for p in paths)
+    if gray == len(paths):
+        return f"grayscale (all {gray} training images): --anomaly-color auto blends gray anomalies"
+    if gray:
+        return f"mixed ({gray} of {len(paths)} training images grayscale): --anomaly-color auto keeps colour anomalies"
+    return "colour"
 
 
 def rotate_image(img: np.ndarray, rotation: str, rng: np.random.Generator) -> np.ndarray:
