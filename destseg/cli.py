@@ -37,9 +37,9 @@ def _add_workers_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD layout, or VisA with split_csv)")
+    p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD/BTAD layout, or VisA with split_csv)")
     p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
-    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "mpdd", "visa"])
+    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "mpdd", "btad", "visa"])
 
 
 def cmd_inspect(args) -> int:

@@ -135,6 +135,29 @@ def test_defect_without_mask(tiny_mvtec):
     assert any("001.png: defect image has no mask" in p for p in index.problems)
 
 
+def test_btad_layout_ok_folders_and_masks_named_like_their_images(tiny_mvtec, capsys):
+    """BTAD: train/ok, test/ok, test/ko, ground_truth/ko/<stem>.png (here as .bmp images)."""
+    base = tiny_mvtec / "widget"
+    for split in ("train", "test"):
+        (base / split / "good").rename(base / split / "ok")
+    (base / "test" / "spot").rename(base / "test" / "ko")
+    (base / "ground_truth" / "spot").rename(base / "ground_truth" / "ko")
+    for mask in (base / "ground_truth" / "ko").iterdir():
+        mask.rename(mask.with_name(mask.name.replace("_mask", "")))
+    for img in (base / "test" / "ko").iterdir():
+        Image.open(img).save(img.with_suffix(".bmp"))
+        img.unlink()
+    index = scan_mvtec(tiny_mvtec, "widget")
+    assert not index.problems and len(index.train) == 6
+    assert sorted((s.label, s.path.name, s.mask.name if s.mask else None) for s in index.test) == [
+        (0, "000.png", None), (0, "001.png", None), (1, "000.bmp", "000.png"), (1, "001.bmp", "001.png")]
+    assert main(["inspect", "--data", str(tiny_mvtec), "--category", "widget", "--layout", "btad", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["name"], out["train"], out["test_good"], out["test_defect"], out["masks"]) == ("btad/widget", 6, 2, 2, 2)
+    (base / "ground_truth" / "ko" / "001.png").unlink()
+    assert any("001.bmp: defect image has no mask" in p for p in scan_mvtec(tiny_mvtec, "widget").problems)
+
+
 def test_mask_size_mismatch(tiny_mvtec):
     mask = tiny_mvtec / "widget" / "ground_truth" / "spot" / "000_mask.png"
     Image.fromarray(np.zeros((64, 40), np.uint8)).save(mask)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from destseg.data.images import (
-    hw, is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
+    IMAGE_EXTENSIONS, hw, is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
 )
 from destseg.data.synthesis import AnomalySynthesizer, is_grayscale
 from destseg.errors import DatasetError, ImageError
@@ -81,8 +81,21 @@ def _non_image_problems(folder: Path) -> list[str]:
             if p.is_file() and not is_image_file(p) and not p.name.startswith(".")]
 
 
+GOOD_FOLDERS = ("good", "ok")  # MVTec AD, MPDD: good; BTAD: ok
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    """MVTec/MPDD name a mask <stem>_mask.png; BTAD names it like its image (<stem>.png or .bmp)."""
+    for name in (f"{stem}_mask", stem):
+        for ext in IMAGE_EXTENSIONS:
+            if (folder / (name + ext)).is_file():
+                return folder / (name + ext)
+    return None
+
+
 def scan_mvtec(root: Path | str, category: str, name: str = "mvtec") -> DatasetIndex:
-    """MVTec AD / MPDD layout: <root>/<category>/{train/good, test/<type>, ground_truth/<type>}."""
+    """MVTec AD / MPDD / BTAD layout: <root>/<category>/{train/good, test/<type>, ground_truth/<type>}, where
+    the good folders may be called ``ok`` (BTAD) and a mask ``<stem>_mask.<ext>`` or ``<stem>.<ext>``."""
     root = Path(root)
     _require_dir(root, "dataset root")
     base = root / category
@@ -90,7 +103,8 @@ def scan_mvtec(root: Path | str, category: str, name: str = "mvtec") -> DatasetI
         found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
         hint = f"; categories found: {', '.join(found)}" if found else ""
         raise DatasetError(f"{base}: category '{category}' not found under {root}{hint}")
-    train_dir = _require_dir(base / "train" / "good", "training folder train/good")
+    good = next((g for g in GOOD_FOLDERS if (base / "train" / g).is_dir()), GOOD_FOLDERS[0])
+    train_dir = _require_dir(base / "train" / good, "training folder train/good (or train/ok)")
     test_dir = _require_dir(base / "test", "test folder")
     problems = _non_image_problems(train_dir)
     train = list_images(train_dir)
@@ -99,13 +113,14 @@ def scan_mvtec(root: Path | str, category: str, name: str = "mvtec") -> DatasetI
         problems += _non_image_problems(defect_dir)
         defect = defect_dir.name
         for img in list_images(defect_dir):
-            if defect == "good":
+            if defect in GOOD_FOLDERS:
                 test.append(TestSample(img, 0, None, "good"))
                 continue
-            mask = base / "ground_truth" / defect / f"{img.stem}_mask.png"
-            if not mask.is_file():
-                problems.append(f"{img}: defect image has no mask (expected {mask})")
-                mask = None
+            mask = _find_mask(base / "ground_truth" / defect, img.stem)
+            if mask is None:
+                expected = base / "ground_truth" / defect / f"{img.stem}_mask.png"
+                problems.append(f"{img}: defect image has no mask (expected {expected} or "
+                                f"{expected.with_name(img.stem + '.png')})")
             test.append(TestSample(img, 1, mask, defect))
     return DatasetIndex(f"{name}/{category}", train, test, problems)
 
@@ -183,11 +198,11 @@ def scan_dataset(root: Path | str, category: str, layout: str = "auto") -> Datas
     root = Path(root)
     if layout == "auto":
         layout = "visa" if (root / "split_csv" / "1cls.csv").is_file() else "mvtec"
-    if layout in ("mvtec", "mpdd"):
+    if layout in ("mvtec", "mpdd", "btad"):
         return scan_mvtec(root, category, name=layout)
     if layout == "visa":
         return scan_visa(root, category)
-    raise DatasetError(f"unknown dataset layout '{layout}' (expected mvtec, mpdd, visa or auto)")
+    raise DatasetError(f"unknown dataset layout '{layout}' (expected mvtec, mpdd, btad, visa or auto)")
 
 
 def validate(index: DatasetIndex, check_pixels: bool = True) -> DatasetIndex:
