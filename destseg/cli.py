@@ -212,8 +212,10 @@ def check_train_args(extra: list[str]) -> list[str]:
     try:
         with contextlib.redirect_stderr(err):
             parsed = vars(build_parser().parse_args(["train", "--out", "x", *extra]))
-    except SystemExit:
-        msg = err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+    except SystemExit as exc:
+        if not exc.code:  # -- --help: train's help was printed
+            raise
+        msg = (err.getvalue().strip().splitlines() or ["invalid"])[-1].split("error: ", 1)[-1]
         raise DestsegError(f"benchmark: train options after --: {msg}") from None
     default = vars(build_parser().parse_args(["train", "--out", "x"]))
     owned = [f"--{k.replace('_', '-')}" for k in BENCHMARK_OWNS if parsed[k] != default[k]]
