@@ -77,7 +77,7 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
     run = out / job.name
     bench_file = run / "bench.json"
     info = json.loads(bench_file.read_text()) if bench_file.is_file() else {}
-    extra = list(getattr(args, "train_args", []) or [])
+    extra = args.train_args
     if run.exists() and info.get("train_args", []) != extra:
         raise DestsegError(f"{run} was trained with train options {info.get('train_args', [])} and this benchmark "
                            f"asks for {extra}: use another --out, or the same options")
@@ -223,6 +223,7 @@ def run_benchmark(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.train_args = list(getattr(args, "train_args", None) or [])  # checked by the CLI (cli.check_train_args)
     if args.seeds < 1:
         raise DestsegError(f"--seeds must be at least 1 (got {args.seeds})")
     roots = parse_roots(args.data)
@@ -273,7 +274,7 @@ def run_benchmark(args) -> int:
             bar.update(1)
     bar.close()
     meta = {"library_version": __version__, "hardware": hardware(), "torch": torch.__version__,
-            "schedule": args.schedule, "train_args": list(getattr(args, "train_args", []) or []), "data": roots,
+            "schedule": args.schedule, "train_args": args.train_args, "data": roots,
             "elapsed_minutes": (time.time() - t0) / 60}
     atomic_write_text(out / "results.json", json.dumps({"meta": meta, "runs": rows,
                                                         "mean_over_categories": mean_over_categories(rows),

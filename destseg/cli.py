@@ -379,14 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_python_format_warning = warnings.formatwarning
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """The library's own warnings read like its errors; others (torch's...) keep Python's format."""
     if "destseg" in Path(filename).parts:
         return f"destseg: warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
-
-
-_python_format_warning = warnings.formatwarning
 
 
 def main(argv=None) -> int:
