@@ -9,7 +9,10 @@
 #   speed   benchmarks/end_to_end.py (DeSTSeg paper schedule, 3000 PNGs) + metrics_speed.py --device cuda
 #   bench   starts the paper-schedule benchmark in the background (bottle 3 seeds, then metal_plate 1 seed)
 #           and returns; follow with `poll` calls, back to back
-#   poll    waits up to 9 minutes for the benchmark, then copies its results and logs to $OUT
+#   schedules  issue #13 (3), why the paper schedule scored under the cpu one on bottle: starts, in the
+#           background, bottle seeds 0-1 with the cpu schedule and with the paper's stage 1 followed by 500
+#           or 1000 segmentation steps instead of 4000 (schedule files); compare with bench's paper rows
+#   poll    waits up to 9 minutes for what bench/schedules started, then copies results and logs to $OUT
 set -u
 : "${DATA:?source .dev/env.sh first}" "${OUT:?run this through the device tool (OUT is its output folder)}"
 B=/tmp/gpu-bench
@@ -31,21 +34,35 @@ case "${1:-}" in
     echo "end_to_end: exit $?"; cp /tmp/e2e/summary.* "$OUT/" 2>/dev/null
     $PY benchmarks/metrics_speed.py --n 1000 3000 --device cuda | tee "$OUT/metrics_speed_cuda.md"
     $PY benchmarks/metrics_speed.py --n 1000 3000 | tee "$OUT/metrics_speed_numpy.md" ;;
-  bench)
-    mkdir -p $B
-    setsid nohup bash -c "$PY -m destseg benchmark --data mvtec=$DATA/mvtec --categories bottle --models destseg \
-      --seeds 3 --schedule paper --teacher efficientnet_lite0 --texture-dir $DATA/textures --out $B/bottle \
-      --no-progress && $PY -m destseg benchmark --data mpdd=$DATA/mpdd --categories metal_plate --models destseg \
-      --seeds 1 --schedule paper --teacher efficientnet_lite0 --texture-dir $DATA/textures --out $B/metal \
-      --no-progress; echo exit \$? > $B/done" > $B/bench.log 2>&1 &
-    sleep 20; tail -3 $B/bench.log ;;
+  bench|schedules)
+    # one background job per phase, run one after the other (one GPU); poll waits for all of them
+    mkdir -p $B; echo "$1" >> $B/jobs
+    R=(-m destseg benchmark --teacher efficientnet_lite0 --texture-dir $DATA/textures --no-progress)
+    if [ "$1" = bench ]; then
+      cmd="$PY ${R[*]} --data mvtec=$DATA/mvtec --categories bottle --models destseg --seeds 3 --schedule paper \
+        --out $B/bottle && $PY ${R[*]} --data mpdd=$DATA/mpdd --categories metal_plate --models destseg --seeds 1 \
+        --schedule paper --out $B/metal"
+    else
+      echo '{"destseg": {"student_steps": 1000, "steps": 1500}}' > $B/seg500.json
+      echo '{"destseg": {"student_steps": 1000, "steps": 2000}}' > $B/seg1000.json
+      cmd="true"
+      for s in cpu $B/seg500.json $B/seg1000.json; do
+        cmd="$cmd && $PY ${R[*]} --data mvtec=$DATA/mvtec --categories bottle --models destseg --seeds 2 \
+          --schedule $s --out $B/sched-$(basename $s .json)"
+      done
+    fi
+    prev=$(grep -v -x "$1" $B/jobs | tail -1)
+    setsid nohup bash -c "while [ -n '$prev' ] && [ ! -f $B/done-$prev ]; do sleep 5; done; $cmd; \
+      echo exit \$? > $B/done-$1" > $B/$1.log 2>&1 &
+    sleep 20; tail -3 $B/$1.log ;;
   poll)
-    for _ in $(seq 54); do [ -f $B/done ] && break; sleep 10; done
+    all_done() { for j in $(cat $B/jobs 2>/dev/null); do [ -f $B/done-$j ] || return 1; done; }
+    for _ in $(seq 54); do all_done && break; sleep 10; done
     mkdir -p "$OUT/bench"
-    cp $B/bench.log $B/done "$OUT/bench/" 2>/dev/null
+    cp $B/*.log $B/done-* "$OUT/bench/" 2>/dev/null
     for f in $B/*/results.* $B/*/*.log $B/*/*/metrics.json $B/*/*/train.log $B/*/*/bench.json; do
       [ -f "$f" ] && { d="$OUT/bench/${f#$B/}"; mkdir -p "$(dirname "$d")"; cp "$f" "$d"; }
     done
-    ls $B/*/ 2>/dev/null; cat $B/done 2>/dev/null || echo "still running" ;;
-  *) sed -n 2,12p "$0"; exit 2 ;;
+    ls $B/*/ 2>/dev/null; for j in $(cat $B/jobs 2>/dev/null); do echo "$j: $(cat $B/done-$j 2>/dev/null || echo running)"; done ;;
+  *) sed -n 2,15p "$0"; exit 2 ;;
 esac

@@ -1,4 +1,7 @@
-"""Command line: ``destseg {inspect,train,test,evaluate,demo}``. Run ``destseg CMD --help``."""
+"""Command line: ``destseg {inspect,train,test,predict,export,serve,evaluate,demo,benchmark}``.
+
+Each subcommand's options: ``destseg CMD --help``.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""ONNX export: one graph from a normalised image batch (N, 3, S, S) to (anomaly map (N, S, S), score (N,)).
+"""ONNX export: one graph from a normalised image batch (N, 3, H, W) to (anomaly map (N, H, W), score (N,)).
 
-Batch norms are folded first; the batch axis is dynamic, the image size is the run's.
+Batch norms are folded first; the batch axis is dynamic, the image size (H, W) is the run's.
 """
 
 from __future__ import annotations
