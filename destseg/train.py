@@ -253,6 +253,7 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                 "anomaly_color": ("gray" if gray else "rgb") if synthesis else "none",
                 "anomaly_color_source": gray_why,
                 "synthesis": "batched on " + device.type if on_device else "per sample on the CPU (NumPy)",
+                "device": str(device), "precision": _precision_in_words(device, dtype, options.precision),
                 "train_images": len(train_paths), "train_image_size": typical_size, "shape_note": shape_why,
                 "threshold_images": len(threshold_paths) or len(train_paths),
                 "threshold_images_source": "held out of training" if threshold_paths else
@@ -305,6 +306,13 @@ def _saved_run(run_dir: Path, options: TrainOptions | None, data: DataSource | N
     if ckpt.get("finished"):
         raise DestsegError(f"{run_dir}: training already finished; nothing to resume")
     return model_name, config, options, data, ckpt
+
+
+def _precision_in_words(device: torch.device, dtype, asked: str) -> str:
+    """What ``--precision`` resolved to on this device, e.g. 'bf16 autocast (--precision auto)'."""
+    if dtype is not None:
+        return f"bf16 autocast (--precision {asked})"
+    return f"fp32{' with TF32' if device.type == 'cuda' else ''} (--precision {asked})"
 
 
 def _anomaly_source(synthesis: bool, texture_dir) -> str:

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import struct
 import zlib
+import torch
 from PIL import Image
 
 from destseg.cli import main
 from destseg.data import scan_mvtec
+from destseg.device import autocast_dtype
 from destseg.infer import Detector, evaluate_run
 from destseg.models import model_config
 from destseg.train import DataSource, TrainOptions, train
@@ -255,6 +257,9 @@ def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["resolved"]["train_images"] == 11 and config["resolved"]["threshold_images"] == 1
     assert config["resolved"]["rotation"] == "none" and "unknown category 'widget'" in config["resolved"]["rotation_source"]
+    bf16 = autocast_dtype(torch.device("cpu"), "auto") is not None  # what this CPU supports
+    assert config["resolved"]["device"] == "cpu"
+    assert config["resolved"]["precision"] == ("bf16 autocast" if bf16 else "fp32") + " (--precision auto)"
     out = tmp_path / "pred"
     assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(out),
                  "--no-progress"]) == 0
