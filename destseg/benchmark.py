@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -55,7 +54,10 @@ def hardware() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    from destseg.device import describe_cpu
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU {describe_cpu()}, {cores} cores"
 
 
 def _run_child(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float]:

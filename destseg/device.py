@@ -46,6 +46,37 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if supported else None
 
 
+def describe_cpu(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its fastest bf16/vector path, e.g. 'AMD EPYC (AVX-512 bf16, no AMX)', from
+    /proc/cpuinfo (or the given text): benchmark figures from two machines are not comparable without it."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            import platform
+
+            return platform.processor() or platform.machine() or "unknown CPU"
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:  # the first processor's entry
+            fields[key.strip()] = value.strip()
+    name = " ".join(fields.get("model name", "").split()) or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    if "amx_bf16" in flags:
+        vector = "AMX bf16"
+    elif "avx512_bf16" in flags:
+        vector = "AVX-512 bf16, no AMX"
+    elif "avx512f" in flags:
+        vector = "AVX-512, no bf16"
+    elif "avx2" in flags:
+        vector = "AVX2, no AVX-512"
+    else:
+        vector = ""
+    return f"{name} ({vector})" if vector else name
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

@@ -218,6 +218,21 @@ def test_benchmark_command_tiny(tmp_path):
     assert (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime == mtime
 
 
+def test_benchmark_names_the_cpu_and_its_bf16_path():
+    from destseg.device import describe_cpu
+
+    def cpuinfo(name, flags):
+        entry = f"processor\t: 0\nvendor_id\t: x\nmodel name\t: {name}\nflags\t\t: fpu sse2 {flags}\n\n"
+        return entry + entry.replace("processor\t: 0", "processor\t: 1")
+
+    assert describe_cpu(cpuinfo("Intel(R) Xeon(R)  Platinum 8480+", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")) \
+        == "Intel(R) Xeon(R) Platinum 8480+ (AMX bf16)"
+    assert describe_cpu(cpuinfo("AMD EPYC", "avx2 avx512f avx512_bf16")) == "AMD EPYC (AVX-512 bf16, no AMX)"
+    assert describe_cpu(cpuinfo("AMD EPYC", "avx2")) == "AMD EPYC (AVX2, no AVX-512)"
+    assert describe_cpu("processor : 0\n") == "unknown CPU"
+    assert describe_cpu().strip()  # this machine's, whatever it is
+
+
 def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
     root = make_mvtec(tmp_path / "data")
     schedule = tmp_path / "tiny.json"
