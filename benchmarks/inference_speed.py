@@ -11,7 +11,6 @@ has it, else fp32). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from destseg.data.images import hw
-from destseg.device import autocast
+from destseg.device import autocast, describe_cpu
 from destseg.infer import evaluate_run, load_inference_model
 from speed import images_per_s  # benchmarks/speed.py, beside this script
 
@@ -33,7 +32,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {describe_cpu()}, "
           f"batch {args.batch_size}\n")
     print("| run | engine | precision | setup s | model img/s | end-to-end `destseg test` img/s |")
     print("|---|---|---|---|---|---|")

@@ -12,13 +12,13 @@ pixels on that torch device (what `destseg test` does on CUDA); the other parts 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from destseg.device import describe_cpu
 from destseg.metrics import evaluate, f1_max_threshold, pixel_ranking
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     where = f"sort on {args.device}" if args.device else "sort in NumPy"
     if args.device and args.device.startswith("cuda"):
         where += f" ({torch.cuda.get_device_name(args.device)})"
-    print(f"numpy {np.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    print(f"numpy {np.__version__}, torch {torch.__version__}, {describe_cpu()}, "
           f"{where}, maps {args.size}x{args.size}\n")
     print("| images | pixels (M) | ranking s | six metrics s | pixel F1 threshold s | total s | M pixels/s |")
     print("|---|---|---|---|---|---|---|")

@@ -14,11 +14,11 @@ Weights are random (speed does not depend on them), so this needs no download. P
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
+from destseg.device import describe_cpu
 from destseg.models import build_model, model_config
 from destseg.models.common import ASPP, cat_channels, fold_batchnorm
 from destseg.train import autocast, prepare_model
@@ -84,7 +84,7 @@ def main() -> None:
                    help="also time the ASPP computed as a conv over the broadcast pooled map")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {describe_cpu()}, "
           f"batch {args.batch_size}, 256x256\n")
     print("| teacher | precision | ASPP pooled branch | stage-1 train img/s | stage-2 train img/s | inference img/s |")
     print("|---|---|---|---|---|---|")
