@@ -115,3 +115,15 @@ def test_aspp_closed_form_pool_branch_equals_the_broadcast_convolution(size):
         results.append([y.detach(), xi.grad] + [p.grad.clone() for p in aspp.parameters()])
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape, size", [((16, 16), (4, 4)), ((8, 20), (2, 5)), ((4, 4), (4, 4)), ((7, 9), (2, 4))])
+def test_tesd_fixed_pooling_equals_adaptive_pooling(shape, size):
+    """TESD's fusion pools each scale with a fixed kernel (ONNX-exportable) where sizes divide: the same
+    function as the adaptive pooling it replaces, and adaptive pooling where they do not (7x9 -> 2x4)."""
+    import torch.nn.functional as F
+
+    from destseg.models.tesd import _pool_to
+
+    x = torch.randn(2, 3, *shape, dtype=torch.float64)
+    assert torch.allclose(_pool_to(x, size), F.adaptive_avg_pool2d(x, size), atol=1e-12)

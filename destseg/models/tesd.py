@@ -56,8 +56,19 @@ class ScaleFusion(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         size = feats[-1].shape[-2:]
-        fused = cat_channels([F.adaptive_avg_pool2d(a(f), size) for a, f in zip(self.align, feats)])
+        fused = cat_channels([_pool_to(a(f), size) for a, f in zip(self.align, feats)])
         return self.bottleneck(fused)
+
+
+def _pool_to(x: torch.Tensor, size) -> torch.Tensor:
+    """Average-pool ``x`` to ``size``: a fixed k x k pooling where the sizes divide (always, for image sizes
+    that are multiples of 32; the same function as adaptive pooling, and ONNX-exportable with a dynamic batch
+    axis, which adaptive pooling is not), else adaptive pooling."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    kh, kw = h // int(size[0]), w // int(size[1])
+    if kh * int(size[0]) == h and kw * int(size[1]) == w:
+        return x if kh == kw == 1 else F.avg_pool2d(x, (kh, kw))
+    return F.adaptive_avg_pool2d(x, size)
 
 
 class StudentDecoder(nn.Module):
