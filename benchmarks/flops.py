@@ -2,23 +2,25 @@
 counted by torch.utils.flop_counter (convolutions and matrix products), at 256x256.
 
     .venv/bin/python benchmarks/flops.py [--model destseg tesd stfpm] [--teacher efficientnet_lite0]
-        [--peak-gflops 190 | --measure-peak]
+        [--peak-gflops 190 | --measure-peak [--peak-precision bf16]]
 
 With ``--peak-gflops`` (the machine's peak in the precision used), also the images/s that arithmetic alone
 would allow: the ceiling any engine can reach there. ``--measure-peak`` takes as peak what a 256-channel
-3x3 convolution at 64x64 (batch 16, channels_last, fp32, eval) reaches here, and prints it. Weights are
+3x3 convolution at 64x64 (batch 16, channels_last, eval; fp32, or bf16 autocast with ``--peak-precision
+bf16``) reaches here, and prints it. Weights are
 random; no download needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from destseg.device import prepare_model
+from destseg.device import describe_cpu, prepare_model
 from destseg.models import build_model, model_config
 
 
@@ -47,11 +49,13 @@ def count(model_name: str, teacher: str, n: int = 2) -> dict[str, float | None]:
     return out
 
 
-def measured_peak_gflops(iters: int = 3) -> float:
-    """GFLOP/s of the segmentation network's commonest layer alone: a 256 -> 256 3x3 conv at 64x64."""
+def measured_peak_gflops(iters: int = 3, precision: str = "fp32") -> float:
+    """GFLOP/s of the segmentation network's commonest layer alone: a 256 -> 256 3x3 conv at 64x64, in fp32
+    or under bf16 autocast (as training and inference run with ``--precision auto`` on a bf16 CPU)."""
     conv = torch.nn.Conv2d(256, 256, 3, padding=1).eval().to(memory_format=torch.channels_last)
     x = torch.randn(16, 256, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    bf16 = torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with torch.no_grad(), bf16:
         for _ in range(2):
             conv(x)
         t0 = time.perf_counter()
@@ -67,11 +71,15 @@ def main() -> None:
     p.add_argument("--teacher", default="efficientnet_lite0")
     p.add_argument("--peak-gflops", type=float, default=None, help="machine peak, for the ceiling column")
     p.add_argument("--measure-peak", action="store_true", help="measure the peak with one convolution")
+    p.add_argument("--peak-precision", choices=["fp32", "bf16"], default="fp32", help="of --measure-peak")
     args = p.parse_args()
     if args.measure_peak:
-        args.peak_gflops = measured_peak_gflops()
-    print(f"teacher {args.teacher}, 256x256, GFLOP per image"
-          + (f"; ceiling at {args.peak_gflops:.0f} GFLOP/s" if args.peak_gflops else "") + "\n")
+        args.peak_gflops = measured_peak_gflops(precision=args.peak_precision)
+    peak = ""
+    if args.peak_gflops:
+        how = f" (measured, {args.peak_precision})" if args.measure_peak else ""
+        peak = f"; ceiling at {args.peak_gflops:.0f} GFLOP/s{how}"
+    print(f"{describe_cpu()}; teacher {args.teacher}, 256x256, GFLOP per image{peak}\n")
     print("| model | part | GFLOP / image | ceiling img/s |")
     print("|---|---|---|---|")
     for name in args.model:
