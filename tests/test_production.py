@@ -209,6 +209,140 @@ def test_onnx_export_of_every_model_matches_pytorch(model, tmp_path):
     _onnx_and_openvino_match_pytorch(run, root, tmp_path / "model.onnx")
 
 
+def test_benchmark_command_tiny(tmp_path):
+    root = make_mvtec(tmp_path / "data")
+    root2 = make_mvtec(tmp_path / "data2", category="gadget", seed=1)
+    schedule = tmp_path / "tiny.json"
+    schedule.write_text(json.dumps({"destseg": {"image_size": 64, "batch_size": 2, "steps": 2, "student_steps": 1},
+                                    "stfpm": {"image_size": 64, "batch_size": 2, "epochs": 1}}))
+    out = tmp_path / "bench"
+    args = ["benchmark", "--data", f"one={root}", "--data", f"two={root2}", "--categories", "widget,two:gadget",
+            "--models", "destseg,stfpm", "--schedule", str(schedule), "--out", str(out), "--no-progress",
+            "--device", "cpu"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["run"], r["dataset"]) for r in res["runs"]] == [
+        ("widget-destseg-s0", "one"), ("widget-stfpm-s0", "one"), ("gadget-destseg-s0", "two"), ("gadget-stfpm-s0", "two")]
+    assert all(0 <= r["i_auroc"] <= 1 and r["train_peak_mib"] > 0 for r in res["runs"])
+    mean = res["mean_over_categories"]["stfpm"]
+    assert mean["categories"] == 2 and mean["i_auroc"] == pytest.approx(
+        np.mean([r["i_auroc"] for r in res["runs"] if r["model"] == "stfpm"]))
+    md = (out / "results.md").read_text()
+    assert "widget-stfpm-s0" in md and "Published" in md and "Mean over categories" in md
+    assert main(["benchmark", "--data", str(root), "--categories", "nope", "--out", str(out)]) == 2
+    # Re-running skips finished runs (no retraining: checkpoints untouched).
+    mtime = (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime
+    assert main(args) == 0
+    assert (out / "widget-destseg-s0" / "checkpoint.pt").stat().st_mtime == mtime
+
+
+def test_benchmark_names_the_cpu_and_its_bf16_path():
+    from destseg.device import describe_cpu
+
+    def cpuinfo(name, flags):
+        entry = f"processor\t: 0\nvendor_id\t: x\nmodel name\t: {name}\nflags\t\t: fpu sse2 {flags}\n\n"
+        return entry + entry.replace("processor\t: 0", "processor\t: 1")
+
+    assert describe_cpu(cpuinfo("Intel(R) Xeon(R)  Platinum 8480+", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")) \
+        == "Intel(R) Xeon(R) Platinum 8480+ (AMX bf16)"
+    assert describe_cpu(cpuinfo("AMD EPYC", "avx2 avx512f avx512_bf16")) == "AMD EPYC (AVX-512 bf16, no AMX)"
+    assert describe_cpu(cpuinfo("AMD EPYC", "avx2")) == "AMD EPYC (AVX2, no AVX-512)"
+    assert describe_cpu("processor : 0\n") == "unknown CPU"
+    assert describe_cpu().strip()  # this machine's, whatever it is
+
+
+def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
+    root = make_mvtec(tmp_path / "data")
+    schedule = tmp_path / "tiny.json"
+    schedule.write_text(json.dumps({"destseg": {"image_size": 64, "batch_size": 2, "steps": 2, "student_steps": 1}}))
+    out = tmp_path / "bench"
+    base = ["benchmark", "--data", str(root), "--categories", "widget", "--models", "destseg", "--schedule",
+            str(schedule), "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(base + ["--", "--anomaly-color", "gray", "--log-every", "1"]) == 0
+    config = json.loads((out / "widget-destseg-s0" / "config.json").read_text())
+    assert config["resolved"]["anomaly_color"] == "gray"
+    assert json.loads((out / "results.json").read_text())["meta"]["train_args"] == [
+        "--anomaly-color", "gray", "--log-every", "1"]
+    assert "Train options: `--anomaly-color gray --log-every 1`" in (out / "results.md").read_text()
+    capsys.readouterr()
+    # The same --out with other options would mix two experiments in one table: refused, nothing retrained.
+    assert main(base + ["--", "--anomaly-color", "rgb"]) == 2
+    assert "widget-destseg-s0 was trained with train options" in capsys.readouterr().err
+    for extra, says in ((["--anomaly-color", "purple"], "argument --anomaly-color: invalid choice"),
+                        (["--seed=3"], "--seed after -- is set by benchmark"),
+                        (["--mod", "tesd"], "--model after -- is set by benchmark"),
+                        (["--bogus"], "unrecognized arguments: --bogus")):
+        assert main(base + ["--", *extra]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+    assert main(base + ["stray"]) == 2
+    assert "unexpected argument 'stray'" in capsys.readouterr().err
+
+
+def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
+    """No `destseg test`: the threshold comes from good training images held out of training."""
+    root = make_mvtec(tmp_path / "d", n_train=12)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--category", "widget", "--out", str(run), "--teacher",
+                 "efficientnet_lite0", "--image-size", "64", "--batch-size", "2", "--steps", "3",
+                 "--student-steps", "2", "--no-progress"]) == 0
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["source"] == "good_images" and thr["n_images"] == 1 and "held out" in thr["method"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["resolved"]["train_images"] == 11 and config["resolved"]["threshold_images"] == 1
+    assert config["resolved"]["rotation"] == "none" and "unknown category 'widget'" in config["resolved"]["rotation_source"]
+    bf16 = autocast_dtype(torch.device("cpu"), "auto") is not None  # what this CPU supports
+    assert config["resolved"]["device"] == "cpu"
+    assert config["resolved"]["precision"] == ("bf16 autocast" if bf16 else "fp32") + " (--precision auto)"
+    out = tmp_path / "pred"
+    assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and {r["decision"] for r in rows} <= {"ok", "defect"}
+    assert Detector.load(run).predict(np.zeros((64, 64, 3), np.uint8)).is_defect is not None
+    # `test` refines the threshold on the labelled split and keeps the good-image one beside it;
+    # --data alone takes the category from the run.
+    assert main(["test", "--run", str(run), "--data", str(root), "--no-progress", "--no-report"]) == 0
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["source"] == "test_split" and thr["good_images"]["source"] == "good_images"
+
+
+def test_non_square_run_trains_tests_predicts_and_exports(tmp_path):
+    """Line-camera-like frames (wide): --image-size H W through the whole pipeline."""
+    root = make_mvtec(tmp_path / "d", n_train=8)
+    for png in root.rglob("*.png"):  # 64x64 -> 160x64 (W x H), masks too (nearest keeps them binary)
+        img = Image.open(png)
+        img.resize((160, 64), Image.NEAREST if "ground_truth" in png.parts else Image.BILINEAR).save(png)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--category", "widget", "--out", str(run), "--teacher",
+                 "efficientnet_lite0", "--image-size", "64", "128", "--batch-size", "2", "--steps", "3",
+                 "--student-steps", "2", "--no-progress"]) == 0
+    result = evaluate_run(run, progress=False, report=True)
+    out = result.pop("_outputs")
+    assert out.maps.shape == (4, 64, 128) and out.masks.shape == (4, 64, 128) and out.masks.any()
+    assert 0 <= result["i_auroc"] <= 1 and (run / "report.html").is_file()
+    det = Detector.load(run)
+    pred = det.predict(np.zeros((300, 700, 3), np.uint8))
+    assert pred.map.shape == (64, 128) and pred.is_defect is not None
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(pred_dir),
+                 "--no-progress"]) == 0
+    row = json.loads((pred_dir / "results.json").read_text())["results"][0]
+    overlay_png = pred_dir / row["overlay"]
+    assert Image.open(overlay_png).size == Image.open(row["file"]).size  # the input's own size
+    assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(pred_dir),
+                 "--output-size", "model", "--overwrite", "--no-progress"]) == 0
+    assert Image.open(overlay_png).size == (128, 64)
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(run), "--out", str(onnx_path)]) == 0
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = det.preprocess([np.zeros((64, 128, 3), np.uint8)]).contiguous().numpy()
+    onnx_map = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert onnx_map.shape == (1, 64, 128)
+    for bad in (["--image-size", "64", "100"], ["--image-size", "1", "2", "3"]):
+        assert main(["train", "--data", str(root), "--category", "widget", "--out", str(tmp_path / "x"), *bad]) == 2
+
+
 def test_openvino_export_and_backend_match_pytorch(tiny_run, tmp_path):
     pytest.importorskip("openvino")
     run, root = tiny_run
