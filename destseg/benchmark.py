@@ -125,15 +125,16 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results ({meta['schedule']} schedule)", "",
              f"destseg {meta['library_version']}, {meta['hardware']}, torch {meta['torch']}."
              + (f" Train options: `{' '.join(meta['train_args'])}`." if meta.get("train_args") else ""), "",
-             "| run | teacher | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min | infer img/s "
-             "| peak RSS MiB | peak GPU MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | teacher | steps | precision | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min "
+             "| infer img/s | peak RSS MiB | peak GPU MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def mib(v):
         return f"{v:.0f}" if v else "-"
 
     for r in rows:
-        lines.append(f"| {r['run']} | {r['teacher']} | " + " | ".join(f"{100 * r[k]:.1f}" for k in METRICS)
+        lines.append(f"| {r['run']} | {r['teacher']} | {r.get('steps', '-')} | {r.get('precision', '-')} | "
+                     + " | ".join(f"{100 * r[k]:.1f}" for k in METRICS)
                      + f" | {r['train_minutes']:.1f} | {r['inference_images_per_s']:.1f} | "
                      + f"{mib(r['train_peak_mib'])} | {mib(r.get('train_peak_gpu_mib'))} |")
     groups: dict[tuple, list[dict]] = {}
