@@ -7,8 +7,7 @@ counted by torch.utils.flop_counter (convolutions and matrix products), at 256x2
 With ``--peak-gflops`` (the machine's peak in the precision used), also the images/s that arithmetic alone
 would allow: the ceiling any engine can reach there. ``--measure-peak`` takes as peak what a 256-channel
 3x3 convolution at 64x64 (batch 16, channels_last, eval; fp32, or bf16 autocast with ``--peak-precision
-bf16``) reaches here, and prints it. Weights are
-random; no download needed.
+bf16``) reaches here, and prints it. Weights are random; no download needed.
 """
 
 from __future__ import annotations
