@@ -77,6 +77,11 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
     return f"{name} ({vector})" if vector else name
 
 
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and bf16 path (``describe_cpu``)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

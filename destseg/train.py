@@ -36,7 +36,9 @@ from destseg.data.datasets import (
 from destseg.data.device_synthesis import DeviceAugment, texture_bank
 from destseg.data.synthesis import is_grayscale
 from destseg.dtd import resolve_texture_dir
-from destseg.device import autocast, autocast_dtype, default_workers, prepare_model, resolve_device, to_device
+from destseg.device import (
+    autocast, autocast_dtype, default_workers, describe_device, prepare_model, resolve_device, to_device,
+)
 from destseg.errors import DestsegError
 from destseg.models import MODELS, build_model, check_config, has_segmentation_stage, model_config
 from destseg.models.backbones import backbone_spec
@@ -253,7 +255,8 @@ def train(run_dir: Path | str, model_name: str, config=None, data: DataSource | 
                 "anomaly_color": ("gray" if gray else "rgb") if synthesis else "none",
                 "anomaly_color_source": gray_why,
                 "synthesis": "batched on " + device.type if on_device else "per sample on the CPU (NumPy)",
-                "device": str(device), "precision": _precision_in_words(device, dtype, options.precision),
+                "device": str(device), "hardware": describe_device(device),
+                "precision": _precision_in_words(device, dtype, options.precision),
                 "train_images": len(train_paths), "train_image_size": typical_size, "shape_note": shape_why,
                 "threshold_images": len(threshold_paths) or len(train_paths),
                 "threshold_images_source": "held out of training" if threshold_paths else

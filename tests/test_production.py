@@ -280,6 +280,8 @@ def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
 
 def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
     """No `destseg test`: the threshold comes from good training images held out of training."""
+    from destseg.device import describe_cpu
+
     root = make_mvtec(tmp_path / "d", n_train=12)
     run = tmp_path / "run"
     assert main(["train", "--data", str(root), "--category", "widget", "--out", str(run), "--teacher",
@@ -291,7 +293,7 @@ def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
     assert config["resolved"]["train_images"] == 11 and config["resolved"]["threshold_images"] == 1
     assert config["resolved"]["rotation"] == "none" and "unknown category 'widget'" in config["resolved"]["rotation_source"]
     bf16 = autocast_dtype(torch.device("cpu"), "auto") is not None  # what this CPU supports
-    assert config["resolved"]["device"] == "cpu"
+    assert config["resolved"]["device"] == "cpu" and config["resolved"]["hardware"] == describe_cpu()
     assert config["resolved"]["precision"] == ("bf16 autocast" if bf16 else "fp32") + " (--precision auto)"
     out = tmp_path / "pred"
     assert main(["predict", "--run", str(run), "--input", str(root / "widget" / "test"), "--out", str(out),
