@@ -1,4 +1,5 @@
-"""Devices and precision: which device, which autocast dtype, memory layout and host-to-device copies."""
+"""Devices and precision: which device (and what hardware it is), which autocast dtype, memory layout and
+host-to-device copies."""
 
 from __future__ import annotations
 
