@@ -13,7 +13,7 @@ from PIL import Image
 
 from destseg.cli import main
 from destseg.data import scan_mvtec
-from destseg.device import autocast_dtype
+from destseg.device import autocast_dtype, describe_cpu
 from destseg.infer import Detector, evaluate_run
 from destseg.models import model_config
 from destseg.train import DataSource, TrainOptions, train
@@ -237,8 +237,6 @@ def test_benchmark_command_tiny(tmp_path):
 
 
 def test_benchmark_names_the_cpu_and_its_bf16_path():
-    from destseg.device import describe_cpu
-
     def cpuinfo(name, flags):
         entry = f"processor\t: 0\nvendor_id\t: x\nmodel name\t: {name}\nflags\t\t: fpu sse2 {flags}\n\n"
         return entry + entry.replace("processor\t: 0", "processor\t: 1")
@@ -280,8 +278,6 @@ def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
 
 def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
     """No `destseg test`: the threshold comes from good training images held out of training."""
-    from destseg.device import describe_cpu
-
     root = make_mvtec(tmp_path / "d", n_train=12)
     run = tmp_path / "run"
     assert main(["train", "--data", str(root), "--category", "widget", "--out", str(run), "--teacher",

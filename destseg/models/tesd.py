@@ -64,11 +64,11 @@ def _pool_to(x: torch.Tensor, size) -> torch.Tensor:
     """Average-pool ``x`` to ``size``: a fixed k x k pooling where the sizes divide (always, for image sizes
     that are multiples of 32; the same function as adaptive pooling, and ONNX-exportable with a dynamic batch
     axis, which adaptive pooling is not), else adaptive pooling."""
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    kh, kw = h // int(size[0]), w // int(size[1])
-    if kh * int(size[0]) == h and kw * int(size[1]) == w:
-        return x if kh == kw == 1 else F.avg_pool2d(x, (kh, kw))
-    return F.adaptive_avg_pool2d(x, size)
+    h, w = int(x.shape[-2]), int(x.shape[-1])  # plain ints: the exporter sees constant kernel sizes
+    sh, sw = int(size[0]), int(size[1])
+    if h % sh or w % sw:
+        return F.adaptive_avg_pool2d(x, (sh, sw))
+    return x if (h, w) == (sh, sw) else F.avg_pool2d(x, (h // sh, w // sw))
 
 
 class StudentDecoder(nn.Module):
