@@ -51,10 +51,9 @@ def cmd_inspect(args) -> int:
 
     index = validate(scan_dataset(args.data, args.category, args.layout))
     summary = index.summary()
-    readable = [p for p in index.train if not any(str(p) in problem for problem in summary["problems"])]
-    if readable:  # what the default 256x256 input does to them (train repeats this for its own size)
-        summary["train_image_size"], summary["shape_note"] = shape_note(readable, 256)
-        summary["train_color"] = train_color(readable)
+    if index.gray_train:  # the readable training images: what the default 256x256 input does to them
+        summary["train_image_size"], summary["shape_note"] = shape_note(list(index.gray_train), 256)
+        summary["train_color"] = train_color(list(index.gray_train.values()))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -39,6 +39,16 @@ def test_inspect_cli_json(tiny_mvtec, capsys):
     assert "colour: grayscale (all 6 training images): --anomaly-color auto blends gray" in capsys.readouterr().out
 
 
+def test_inspect_decodes_each_image_once(tiny_mvtec, monkeypatch, capsys):
+    import destseg.data.datasets as datasets
+
+    decoded = []
+    monkeypatch.setattr(datasets, "read_rgb", lambda p: decoded.append(p) or read_rgb(p))
+    assert main(["inspect", "--data", str(tiny_mvtec), "--category", "widget", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_color"] == "colour"
+    assert len(decoded) == len(set(decoded)) == 6 + 4  # train + test, once each
+
+
 def test_inspect_shared_bottle(shared_bottle, capsys):
     assert main(["inspect", "--data", str(shared_bottle), "--category", "bottle", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -50,6 +50,7 @@ class DatasetIndex:
     train: list[Path]
     test: list[TestSample]
     problems: list[str] = field(default_factory=list)
+    gray_train: dict[Path, bool] = field(default_factory=dict)  # readable training image -> grayscale (validate)
 
     def summary(self) -> dict:
         defects: dict[str, int] = {}
@@ -213,7 +214,7 @@ def validate(index: DatasetIndex, check_pixels: bool = True) -> DatasetIndex:
     if check_pixels:
         for path in index.train:
             try:
-                read_rgb(path)
+                index.gray_train[path] = is_grayscale(np.asarray(read_rgb(path))[None])
             except ImageError as exc:
                 problems.append(str(exc))
         for s in index.test:
@@ -290,13 +291,14 @@ def shape_note(paths: list[Path], size) -> tuple[str, str | None]:
                      f"--image-size {new_h} {new_w} (height width) keeps their shape at about the same cost")
 
 
-def train_color(paths: list[Path]) -> str:
-    """Whether the training images are grayscale, in words, with what ``--anomaly-color auto`` makes of it."""
-    gray = sum(is_grayscale(np.asarray(read_rgb(p))[None]) for p in paths)
-    if gray == len(paths):
+def train_color(gray_flags: list[bool]) -> str:
+    """Whether the training images are grayscale (one flag per image), in words, with what
+    ``--anomaly-color auto`` makes of it."""
+    gray = sum(gray_flags)
+    if gray == len(gray_flags):
         return f"grayscale (all {gray} training images): --anomaly-color auto blends gray anomalies"
     if gray:
-        return f"mixed ({gray} of {len(paths)} training images grayscale): --anomaly-color auto keeps colour anomalies"
+        return f"mixed ({gray} of {len(gray_flags)} training images grayscale): --anomaly-color auto keeps colour anomalies"
     return "colour"
 
 
