@@ -13,6 +13,7 @@ from torch import nn
 
 from destseg.checkpoint import atomic_write
 from destseg.data.images import hw
+from destseg.errors import DestsegError
 from destseg.train import load_model
 
 
@@ -39,5 +40,15 @@ def export_onnx(run_dir: Path | str, out_path: Path | str, opset: int = 17) -> P
                               dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
                               opset_version=opset, dynamo=False)
 
-    atomic_write(out_path, write)
+    try:
+        atomic_write(out_path, write)
+    except RuntimeError as exc:  # the exporter's own errors (OnnxExporterError) and tracing failures
+        raise export_failed(run_dir, f"ONNX export of its '{ckpt['model']}' model", exc) from exc
     return Path(out_path)
+
+
+def export_failed(run_dir, what: str, exc: Exception) -> DestsegError:
+    """A conversion that fails on a valid run is a bug of ours or of the converter: say so in one line."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DestsegError(f"{run_dir}: {what} failed: {first} (a bug: please "
+                        f"report it with the run's config.json and torch {torch.__version__})")

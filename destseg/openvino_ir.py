@@ -29,14 +29,17 @@ def _ov():
 
 def export_openvino(run_dir: Path | str, out_dir: Path | str) -> Path:
     """Write ``out_dir/model.xml`` and ``model.bin`` (atomically: the folder appears complete or not at all)."""
-    from destseg.export import export_onnx
+    from destseg.export import export_failed, export_onnx
 
     ov = _ov()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         onnx_path = export_onnx(run_dir, Path(tmp) / "model.onnx")
-        model = ov.convert_model(str(onnx_path))
+        try:
+            model = ov.convert_model(str(onnx_path))
+        except Exception as exc:  # the converter's own error classes (ovc Error, OpConversionFailure)
+            raise export_failed(run_dir, "OpenVINO conversion of its ONNX graph", exc) from exc
         ir_dir = Path(tmp) / "ir"
         ir_dir.mkdir()
         ov.save_model(model, str(ir_dir / IR_NAME), compress_to_fp16=False)

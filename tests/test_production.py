@@ -199,6 +199,26 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path):
     assert main(["export", "--run", str(run), "--out", str(path)]) == 2  # no silent overwrite
 
 
+def test_a_failing_converter_is_one_clear_line_and_leaves_nothing(tiny_run, tmp_path, monkeypatch, capsys):
+    run, _ = tiny_run
+
+    def refuse(*args, **kwargs):  # what the exporter said about TESD's adaptive pooling before a2f13ba
+        raise torch.onnx.errors.OnnxExporterError("ONNX export of operator adaptive pooling, since output_size "
+                                                  "is not constant.\n[Caused by the value ...]")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{run}: ONNX export of its 'destseg' model failed: ONNX export of operator adaptive pooling" in err
+    monkeypatch.undo()
+    openvino = pytest.importorskip("openvino")
+    monkeypatch.setattr(openvino, "convert_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad graph")))
+    assert main(["export", "--run", str(run), "--format", "openvino", "--out", str(tmp_path / "ir")]) == 2
+    assert "OpenVINO conversion of its ONNX graph failed: bad graph" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no partial file, folder or temporary left behind
+
+
 @pytest.mark.parametrize("model", ["tesd", "stfpm"])
 def test_onnx_export_of_every_model_matches_pytorch(model, tmp_path):
     root = make_mvtec(tmp_path / "data")
