@@ -32,7 +32,7 @@ from destseg.data.images import IMAGE_EXTENSIONS, hw, is_image_file, read_rgb, r
 from destseg.device import io_workers
 from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector
-from destseg.visualize import overlay
+from destseg.visualize import threshold_mask, threshold_overlay
 
 
 def iter_inputs(spec: str) -> tuple[Path, Iterator[Path]]:
@@ -88,7 +88,7 @@ def _load(path: Path, size) -> tuple[Path, np.ndarray | None, str | None, tuple[
 
 
 def _write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray, amap: np.ndarray,
-                out_hw: tuple[int, int], vmax: float, pixel_thr: float) -> None:
+                out_hw: tuple[int, int], pixel_thr: float) -> None:
     """The overlay and mask PNGs at ``out_hw``. At another size than the model's, the map is resized
     bilinearly and the overlay drawn over the input read again from ``source`` (a few batches of full-size
     images are not kept in memory); should that read fail now, over the model-size copy scaled up."""
@@ -98,8 +98,8 @@ def _write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray,
             img = resize_rgb(read_rgb(source), out_hw)  # no-op unless the file changed size meanwhile
         except ImageError:
             img = resize_rgb(Image.fromarray(img), out_hw)
-    Image.fromarray(overlay(img, amap, 0.0, vmax)).save(over_path)
-    Image.fromarray((amap >= pixel_thr).astype(np.uint8) * 255).save(mask_path)
+    Image.fromarray(threshold_overlay(img, amap, pixel_thr)).save(over_path)
+    Image.fromarray(threshold_mask(amap, pixel_thr)).save(mask_path)
 
 
 def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | None = None,
@@ -128,8 +128,6 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     size = det.config["image_size"]
     model_hw = hw(size)
     workers = io_workers(det.device) if workers < 0 else workers
-    # Colour scale of the overlays: fixed per run, so that images are comparable (0 .. 2x the pixel threshold).
-    vmax = 2 * pixel_thr if pixel_thr > 0 else 1.0
     csv_tmp, json_tmp = out / ".results.csv.tmp", out / ".results.json.tmp"
     skipped: list[dict] = []
     n_done = n_defect = 0
@@ -159,7 +157,7 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
                     over_path.parent.mkdir(parents=True, exist_ok=True)
                     mask_path.parent.mkdir(parents=True, exist_ok=True)
                     job = (over_path, mask_path, path, img, pred.map,
-                           in_hw if output_size == "input" else model_hw, vmax, pixel_thr)
+                           in_hw if output_size == "input" else model_hw, pixel_thr)
                     if pool is None:
                         _write_pngs(*job)
                     else:

@@ -31,7 +31,7 @@ except ImportError:  # checked with a clear message in serve()
 from destseg.data.images import decode_rgb, hw, resize_map, resize_rgb
 from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector, Prediction
-from destseg.visualize import overlay as heat_overlay
+from destseg.visualize import threshold_mask, threshold_overlay
 
 
 @dataclass
@@ -213,12 +213,11 @@ def _images(image, amap: np.ndarray, out_hw: tuple[int, int], overlay: bool, mas
             pixel_thr: float | None) -> dict:
     """Base64 PNGs of the heat-map overlay and the mask at ``out_hw`` (the map resized bilinearly)."""
     out = {}
-    vmax = 2 * pixel_thr if pixel_thr else max(float(amap.max()), 1e-6)
     amap = resize_map(amap, out_hw)
     if overlay:
-        out["overlay_png"] = _png_b64(heat_overlay(resize_rgb(image, out_hw), amap, 0.0, vmax))
+        out["overlay_png"] = _png_b64(threshold_overlay(resize_rgb(image, out_hw), amap, pixel_thr))
     if mask:
-        out["mask_png"] = _png_b64((amap >= pixel_thr).astype(np.uint8) * 255)
+        out["mask_png"] = _png_b64(threshold_mask(amap, pixel_thr))
     return out
 
 

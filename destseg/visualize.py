@@ -28,3 +28,16 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
         edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
         out[edge] = 255
     return out
+
+
+def threshold_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_thr: float | None) -> np.ndarray:
+    """What ``predict`` and ``serve`` draw: the map over the image on a colour scale from 0 to twice the
+    run's pixel threshold, the same for every image (the threshold sits mid-scale, in green); without a
+    threshold, from 0 to this map's maximum."""
+    top = 2 * pixel_thr if pixel_thr and pixel_thr > 0 else max(float(anomaly_map.max()), 1e-6)
+    return overlay(image, anomaly_map, 0.0, top)
+
+
+def threshold_mask(anomaly_map: np.ndarray, pixel_thr: float) -> np.ndarray:
+    """The defect mask as a uint8 image: 255 where the map reaches the pixel threshold, else 0."""
+    return (anomaly_map >= pixel_thr).astype(np.uint8) * 255

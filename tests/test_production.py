@@ -404,3 +404,16 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tiny_run, monkeypa
     assert err.count("torch.compile failed (RuntimeError: no C++ compiler found); running eagerly") == 1
     assert np.allclose([p.score for p in a], [p.score for p in eager.predict_batch(images)])
     assert [p.score for p in a] == [p.score for p in b]
+
+
+def test_overlay_scale_is_fixed_by_the_threshold_not_by_the_image():
+    from destseg.visualize import threshold_mask, threshold_overlay
+
+    black = np.zeros((4, 4, 3), np.uint8)
+    calm, hot = np.full((4, 4), 0.3), np.full((4, 4), 0.3)
+    hot[0, 0] = 5.0  # one very anomalous pixel elsewhere must not wash out the rest of the picture
+    a, b = threshold_overlay(black, calm, 0.3), threshold_overlay(black, hot, 0.3)
+    assert np.array_equal(a[1:, 1:], b[1:, 1:])
+    assert a[2, 2].tolist() == [60, 127, 60]  # the threshold is the scale's green middle, half-blended
+    assert threshold_overlay(black, hot, None)[2, 2].tolist() != a[2, 2].tolist()  # no threshold: the map's max
+    assert threshold_mask(hot, 0.31).tolist()[0][:2] == [255, 0]
