@@ -49,7 +49,7 @@ def test_checkpoint_minutes_bound_the_work_a_kill_loses(tmp_path, tiny_mvtec, mo
 @pytest.mark.parametrize("model", ["destseg", "tesd", "stfpm"])
 def test_train_save_reload_predict_identically(tmp_path, tiny_mvtec, model):
     run = tmp_path / "run"
-    tiny_train(run, tiny_mvtec, model=model)
+    tiny_train(run, tiny_mvtec, model=model, **({"seg_width": 32} if model == "tesd" else {}))  # kept on reload
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["finished"] and ckpt["model"] == model and ckpt["teacher"] == "efficientnet_lite0"
     assert ckpt["library_version"] and "model_state" in ckpt
@@ -73,18 +73,23 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkey
     # Interrupt with SIGTERM during step 4 (in the segmentation stage), as a scheduler would.
     import destseg.train as tr
 
-    steps = {"n": 0}
+    import threading
+    import traceback
+    calls, steps = [], []  # every progress-bar update in the process; those of this training's bar
     real_update = tr.tqdm.update
 
     def update(bar, n=1):
-        steps["n"] += n
-        if steps["n"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append((str(bar.desc), n, threading.current_thread().name, traceback.format_stack(limit=4)))
+        if threading.current_thread() is threading.main_thread() and str(bar.desc).startswith("destseg:"):
+            steps.append(n)
+            if sum(steps) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
         return real_update(bar, n)
 
     monkeypatch.setattr(tr.tqdm, "update", update)
-    with pytest.raises(tr.TrainingInterrupted, match="step 4/6"):
+    with pytest.raises(tr.TrainingInterrupted) as stopped:
         tiny_train(part, tiny_mvtec)
+    assert "step 4/6" in str(stopped.value), (str(stopped.value), calls)  # once flaky in the full suite: who updated
     monkeypatch.setattr(tr.tqdm, "update", real_update)
     assert load_checkpoint(part / "checkpoint.pt")["step"] == 4
     tiny_train(part, tiny_mvtec, resume=True)
