@@ -2,12 +2,13 @@
 counted by torch.utils.flop_counter (convolutions and matrix products), at 256x256.
 
     .venv/bin/python benchmarks/flops.py [--model destseg tesd stfpm] [--teacher efficientnet_lite0]
-        [--peak-gflops 190 | --measure-peak [--peak-precision bf16]]
+        [--peak-gflops 190 | --measure-peak [--peak-precision bf16]] [--seg-width 256 128]
 
 With ``--peak-gflops`` (the machine's peak in the precision used), also the images/s that arithmetic alone
 would allow: the ceiling any engine can reach there. ``--measure-peak`` takes as peak what a 256-channel
 3x3 convolution at 64x64 (batch 16, channels_last, eval; fp32, or bf16 autocast with ``--peak-precision
-bf16``) reaches here, and prints it. Weights are random; no download needed.
+bf16``) reaches here, and prints it. ``--seg-width`` counts DeSTSeg and TESD with segmentation networks of
+those widths (``destseg train --seg-width``). Weights are random; no download needed.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from destseg.device import describe_cpu, prepare_model
 from destseg.models import build_model, model_config
 
 
-def count(model_name: str, teacher: str, n: int = 2) -> dict[str, float | None]:
+def count(model_name: str, teacher: str, n: int = 2, **config) -> dict[str, float | None]:
     """GFLOP per image: ``train_<stage>`` for each stage, and ``inference``. None where a trained module has
     grouped convolutions: torch's counter (2.13) counts their backward ``groups`` times too high (a 64-channel
     depthwise 3x3: 76.7 MFLOP backward for 1.2 MFLOP forward)."""
     torch.manual_seed(0)
-    model = prepare_model(build_model(model_name, model_config(model_name, teacher=teacher), pretrained=False),
+    model = prepare_model(build_model(model_name, model_config(model_name, teacher=teacher, **config), pretrained=False),
                           torch.device("cpu"), None)
     x = torch.randn(n, 3, 256, 256).contiguous(memory_format=torch.channels_last)
     batch = {"image": x, "augmented": x + 0.1 * torch.randn_like(x),
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--peak-gflops", type=float, default=None, help="machine peak, for the ceiling column")
     p.add_argument("--measure-peak", action="store_true", help="measure the peak with one convolution")
     p.add_argument("--peak-precision", choices=["fp32", "bf16"], default="fp32", help="of --measure-peak")
+    p.add_argument("--seg-width", type=int, nargs="+", default=[256], help="segmentation widths (destseg, tesd)")
     args = p.parse_args()
     if args.measure_peak:
         args.peak_gflops = measured_peak_gflops(precision=args.peak_precision)
@@ -82,12 +84,14 @@ def main() -> None:
     print("| model | part | GFLOP / image | ceiling img/s |")
     print("|---|---|---|---|")
     for name in args.model:
-        for part, g in count(name, args.teacher).items():
-            if g is None:
-                print(f"| {name} | {part} | n/a (grouped convolutions trained) | - |", flush=True)
-                continue
-            ceiling = f"{args.peak_gflops / g:.1f}" if args.peak_gflops else "-"
-            print(f"| {name} | {part} | {g:.1f} | {ceiling} |", flush=True)
+        for width in args.seg_width if name != "stfpm" else [None]:
+            label = name if width in (None, 256) else f"{name} (seg. width {width})"
+            for part, g in count(name, args.teacher, **({"seg_width": width} if width else {})).items():
+                if g is None:
+                    print(f"| {label} | {part} | n/a (grouped convolutions trained) | - |", flush=True)
+                    continue
+                ceiling = f"{args.peak_gflops / g:.1f}" if args.peak_gflops else "-"
+                print(f"| {label} | {part} | {g:.1f} | {ceiling} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
             "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
             "batch_size": args.batch_size, "epochs": args.epochs, "image_size": _image_size(args.image_size),
             "lr": args.lr, "weight_decay": args.weight_decay, "batch_reduction": args.batch_reduction,
-            "val_split": args.val_split}.items()
+            "val_split": args.val_split, "seg_width": args.seg_width}.items()
             if v is not None})
         if args.no_denoising:
             overrides["denoising"] = False
@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomaly-color", default="auto", choices=["auto", "rgb", "gray"],
                    help="colour of the synthetic anomalies: rgb (the textures as they are), gray (their "
                         "luminance); auto (default): gray when every training image is grayscale")
+    p.add_argument("--seg-width", type=int,
+                   help="channels of the segmentation network (destseg, tesd; default 256 as the paper): 128 "
+                        "trained stage 2 3.4x and inferred 2.8x faster on a 2-core CPU with the same metrics "
+                        "within seed noise (docs/RESULTS.md)")
     p.add_argument("--no-denoising", action="store_true", help="ablation: student sees clean images")
     p.add_argument("--identical-student", action="store_true", help="ablation: student = teacher architecture")
     p.add_argument("--no-segmentation", action="store_true", help="ablation: DeST product map, no seg. network")

@@ -64,6 +64,18 @@ def test_output_shapes_and_teacher_frozen(model, teacher):
     assert out["map"].shape == (2, 64, 64) and out["score"].shape == (2,)
 
 
+def test_seg_width_narrows_the_segmentation_network_only():
+    paper = build_model("destseg", model_config("destseg"), pretrained=False)
+    narrow = build_model("destseg", model_config("destseg", seg_width=64), pretrained=False)
+    aspp = narrow.segmentation.head[0]
+    assert narrow.segmentation.res[0].conv1.in_channels == 448 and narrow.segmentation.res[1].conv2.out_channels == 64
+    assert aspp.project[0].in_channels == 4 * 64 and narrow.segmentation.head[-1].in_channels == 64
+    assert [p.shape for p in narrow.student.parameters()] == [p.shape for p in paper.student.parameters()]
+    assert build_model("tesd", model_config("tesd", seg_width=32), pretrained=False).segmentation.head[-1].in_channels == 32
+    with pytest.raises(ValueError, match="--seg-width must be at least 8"):
+        model_config("destseg", seg_width=4)
+
+
 def test_destseg_matches_spec_shapes():
     m = build_model("destseg", model_config("destseg"), pretrained=False)
     assert m.segmentation.res[0].conv1.in_channels == 448  # 64 + 128 + 256

@@ -62,6 +62,7 @@ def check_config(config):
     need("weight_decay", lambda v: v >= 0, "0 or more")
     need("focal_gamma", lambda v: v >= 0, "0 or more")
     need("top_k", lambda v: v >= 1, "at least 1")
+    need("seg_width", lambda v: v >= 8, "at least 8")
     need("val_split", lambda v: 0 <= v < 1, "in [0, 1)")
     if hasattr(config, "steps"):
         if has_segmentation_stage(config) and config.steps <= config.student_steps:

@@ -37,6 +37,7 @@ class TESDConfig:
     weight_decay: float = 1e-4
     focal_gamma: float = 4.0
     top_k: int = 100
+    seg_width: int = 256  # channels of the segmentation network, as DeSTSeg's
     fusion_width: int = 128  # channels per scale in the fusion block
     denoising: bool = True
 
@@ -105,7 +106,7 @@ class TESD(SegmentationGuidedModel):
         channels = self.teacher.channels
         self.student = StudentDecoder(channels, config.fusion_width)
         self.gate = ScaleGate()
-        self.segmentation = SegmentationNet(sum(channels))
+        self.segmentation = SegmentationNet(sum(channels), config.seg_width)
 
     def student_module(self) -> nn.Module:
         return self.student
