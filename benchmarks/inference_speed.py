@@ -20,7 +20,7 @@ import torch
 
 from destseg.data.images import hw
 from destseg.device import autocast, describe_cpu
-from destseg.infer import evaluate_run, load_inference_model
+from destseg.infer import evaluate_run, load_inference
 from speed import images_per_s  # benchmarks/speed.py, beside this script
 
 
@@ -43,8 +43,9 @@ def main() -> None:
             backend = "openvino" if engine == "openvino" else "torch"
             t0 = time.perf_counter()
             compile_choice = "on" if engine == "torch.compile" else "off"
-            model, ckpt, dev, dtype, precision = load_inference_model(run, "cpu", "auto", backend, compile_choice)
-            h, w = hw(ckpt["config"]["image_size"])
+            inf = load_inference(run, "cpu", "auto", backend, compile_choice)
+            model, dev, dtype, precision = inf.model, inf.device, inf.dtype, inf.precision
+            h, w = hw(inf.config.image_size)
             x = torch.randn(args.batch_size, 3, h, w).contiguous(memory_format=torch.channels_last)
 
             @torch.no_grad()

@@ -18,7 +18,8 @@ import torch
 from destseg.data.datasets import TestDataset
 from destseg.export import export_onnx
 from destseg.models.backbones import backbone_spec
-from destseg.train import DataSource, autocast, load_model, read_run_config
+from destseg.device import autocast
+from destseg.run import Run
 
 
 def main() -> None:
@@ -30,11 +31,10 @@ def main() -> None:
     import onnxruntime as ort
 
     torch.set_num_threads(args.threads)
-    cfg = read_run_config(Path(args.run))
-    model, ckpt = load_model(args.run, "cpu")
+    run = Run(args.run)
+    model, ckpt = run.load_model("cpu")
     model = model.to(memory_format=torch.channels_last)
-    spec = backbone_spec(ckpt["teacher"])
-    ds = TestDataset(DataSource(**cfg["data"]).scan().test, ckpt["config"]["image_size"], spec.mean, spec.std)
+    ds = TestDataset(run.data.scan().test, run.config.image_size, backbone_spec(run.config.teacher).normalize)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     batches = list(torch.split(images, args.batch_size))
 

@@ -22,7 +22,7 @@ import torch
 from destseg.device import describe_cpu
 from destseg.models import build_model, model_config
 from destseg.models.common import ASPP, cat_channels, fold_batchnorm
-from destseg.train import autocast, prepare_model
+from destseg.device import autocast, prepare_model
 
 
 def images_per_s(fn, batch_size: int, warmup: int, iters: int) -> float:

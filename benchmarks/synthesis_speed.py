@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from destseg.data.datasets import TrainDataset
+from destseg.data.images import Normalize
+from destseg.data.training import TrainDataset
 from destseg.data.device_synthesis import DeviceAugment, texture_bank
 from destseg.data.synthesis import AnomalySynthesizer
 
@@ -28,7 +29,7 @@ def main() -> None:
     size, n = 256, args.batch_size
     images = np.random.default_rng(0).integers(0, 255, (64, size, size, 3), dtype=np.uint8)
     paths = [f"img{i}" for i in range(64)]
-    ds = TrainDataset(paths, size, (0.5,) * 3, (0.5,) * 3, "rot90", AnomalySynthesizer(size, args.texture_dir),
+    ds = TrainDataset(paths, size, Normalize((0.5,) * 3, (0.5,) * 3), "rot90", AnomalySynthesizer(size, args.texture_dir),
                       images=images)
     t0 = time.perf_counter()
     for b in range(args.batches):

@@ -24,14 +24,13 @@ from destseg import __version__
 from destseg.checkpoint import atomic_write_text
 from destseg.errors import DestsegError
 
-# Published MVTec AD means (SPEC): not per category, shown for reference beside ours.
-PUBLISHED = {
-    "destseg": {"source": "DeSTSeg paper, ResNet18, MVTec mean", "i_auroc": 0.986, "p_auroc": 0.979,
-                "p_ap": 0.758, "iap": 0.764},
-    "stfpm": {"source": "STFPM official code, ResNet18, MVTec mean", "i_auroc": 0.955, "p_auroc": 0.970},
-    "tesd": {"source": "PFADSeg abstract (a different model), MVTec mean", "i_auroc": 0.989, "p_ap": 0.764,
-             "iap": 0.787},
-}
+
+
+def published() -> dict[str, dict]:
+    """Each registered model's published reference numbers (MVTec AD means: not per category)."""
+    from destseg.models import MODELS
+
+    return {name: cls.published for name, cls in MODELS.items() if cls.published}
 METRICS = ("i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90")
 METRIC_LABELS = ("I-AUROC", "P-AUROC", "P-AP", "PRO", "IAP", "IAP@90")
 
@@ -112,20 +111,24 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
         atomic_write_text(bench_file, json.dumps(info, indent=2))
     from destseg.checkpoint import load_checkpoint
 
+    from destseg.run import training_summary
+
     metrics = json.loads((run / "metrics.json").read_text())
     ckpt = load_checkpoint(run / "checkpoint.pt")
+    trained = training_summary(ckpt)
     return {"run": job.name, "dataset": job.dataset, "category": job.category, "model": job.model, "seed": job.seed,
             **{k: metrics[k] for k in METRICS}, "train_minutes": ckpt.get("elapsed_s", 0) / 60,
             "inference_images_per_s": metrics["images_per_s"], "train_peak_mib": info.get("train_peak_mib"),
-            "train_peak_gpu_mib": ckpt.get("peak_gpu_mib"),
-            "teacher": ckpt["teacher"], "steps": ckpt["step"], "precision": metrics["precision"]}
+            "train_peak_gpu_mib": ckpt.get("peak_gpu_mib"), "teacher": ckpt["teacher"],
+            "steps_planned": trained["steps_planned"], "steps_trained": trained["steps_trained"],
+            "undertrained": trained["undertrained"], "precision": metrics["precision"]}
 
 
 def results_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results ({meta['schedule']} schedule)", "",
              f"destseg {meta['library_version']}, {meta['hardware']}, torch {meta['torch']}."
              + (f" Train options: `{' '.join(meta['train_args'])}`." if meta.get("train_args") else ""), "",
-             "| run | teacher | steps | precision | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min "
+             "| run | teacher | steps trained / planned | precision | I-AUROC | P-AUROC | P-AP | PRO | IAP | IAP@90 | train min "
              "| infer img/s | peak RSS MiB | peak GPU MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -133,7 +136,7 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
         return f"{v:.0f}" if v else "-"
 
     for r in rows:
-        lines.append(f"| {r['run']} | {r['teacher']} | {r.get('steps', '-')} | {r.get('precision', '-')} | "
+        lines.append(f"| {r['run']} | {r['teacher']} | {_steps(r)} | {r.get('precision', '-')} | "
                      + " | ".join(f"{100 * r[k]:.1f}" for k in METRICS)
                      + f" | {r['train_minutes']:.1f} | {r['inference_images_per_s']:.1f} | "
                      + f"{mib(r['train_peak_mib'])} | {mib(r.get('train_peak_gpu_mib'))} |")
@@ -159,12 +162,21 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
                          + f" | {m['train_minutes']:.1f} |")
     lines += ["", "Published (MVTec AD means over 15 categories, ResNet18 teacher, paper schedules):", "",
               "| model | source | I-AUROC | P-AUROC | P-AP | IAP |", "|---|---|---|---|---|---|"]
+    reference = published()
     for model in sorted({r["model"] for r in rows}):
-        p = PUBLISHED.get(model)
+        p = reference.get(model)
         if p:
             vals = " | ".join(f"{100 * p[k]:.1f}" if k in p else "-" for k in ("i_auroc", "p_auroc", "p_ap", "iap"))
             lines.append(f"| {model} | {p['source']} | {vals} |")
     return "\n".join(lines) + "\n"
+
+
+def _steps(row: dict) -> str:
+    """'900 / 900', '420 / 900 (undertrained)', or the bare step count of a row from an earlier version."""
+    if "steps_planned" not in row:
+        return str(row.get("steps", "-"))
+    trained = "?" if row["steps_trained"] is None else row["steps_trained"]
+    return f"{trained} / {row['steps_planned']}" + (" (undertrained)" if row.get("undertrained") else "")
 
 
 def parse_roots(specs: list[str]) -> dict[str, str]:
@@ -221,37 +233,17 @@ def mean_over_categories(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def run_benchmark(args) -> int:
-    import torch
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    args.train_args = list(getattr(args, "train_args", None) or [])  # checked by the CLI (cli.check_train_args)
-    if args.seeds < 1:
-        raise DestsegError(f"--seeds must be at least 1 (got {args.seeds})")
-    roots = parse_roots(args.data)
-    places = locate_categories(roots, args.categories)
-    models = [m.strip() for m in args.models.split(",")]
-    from destseg.models import MODELS
-    from destseg.schedules import schedule_overrides
-
-    schedule_overrides(args.schedule, "destseg", 1)  # fail now, not in the first child
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise DestsegError(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})")
-    jobs = [Job(c, m, s, ds, root) for c, (ds, root) in places.items() for m in models for s in range(args.seeds)]
-    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
-    rows: list[dict] = []
-    t0 = time.time()
-    bar = tqdm(total=len(jobs), desc="benchmark", unit="run", dynamic_ncols=True, disable=args.no_progress)
-
+def _run_jobs(jobs: list[Job], args, out: Path, gpus: int, bar) -> list[dict]:
+    """Every job's result row, in order; with several GPUs, one run per GPU at a time (each job takes a free
+    GPU from a queue and gives it back)."""
     def env_for(slot: int | None) -> dict:
         env = dict(os.environ)
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
         return env
 
-    if gpus > 1:  # one run per GPU at a time: each job takes a free GPU from the queue and gives it back
+    rows: list[dict] = []
+    if gpus > 1:
         import queue
         from concurrent.futures import ThreadPoolExecutor
 
@@ -270,18 +262,45 @@ def run_benchmark(args) -> int:
             for row in pool.map(on_free_gpu, jobs):
                 rows.append(row)
                 bar.update(1)
-    else:
-        for job in jobs:
-            bar.set_postfix_str(job.name)
-            rows.append(run_job(job, args, out, env_for(None)))
-            bar.update(1)
+        return rows
+    for job in jobs:
+        bar.set_postfix_str(job.name)
+        rows.append(run_job(job, args, out, env_for(None)))
+        bar.update(1)
+    return rows
+
+
+def run_benchmark(args) -> int:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.train_args = list(getattr(args, "train_args", None) or [])  # checked by the CLI (cli.check_train_args)
+    if args.seeds < 1:
+        raise DestsegError(f"--seeds must be at least 1 (got {args.seeds})")
+    roots = parse_roots(args.data)
+    places = locate_categories(roots, args.categories)
+    models = [m.strip() for m in args.models.split(",")]
+    from destseg.models import MODELS
+    from destseg.schedules import schedule_overrides
+
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise DestsegError(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})")
+    for model in models:  # fail now, not in the first child
+        schedule_overrides(args.schedule if args.schedule != "auto" else "paper", model, 1)
+    jobs = [Job(c, m, s, ds, root) for c, (ds, root) in places.items() for m in models for s in range(args.seeds)]
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    t0 = time.time()
+    bar = tqdm(total=len(jobs), desc="benchmark", unit="run", dynamic_ncols=True, disable=args.no_progress)
+    rows = _run_jobs(jobs, args, out, gpus, bar)
     bar.close()
     meta = {"library_version": __version__, "hardware": hardware(), "torch": torch.__version__,
             "schedule": args.schedule, "train_args": args.train_args, "data": roots,
             "elapsed_minutes": (time.time() - t0) / 60}
     atomic_write_text(out / "results.json", json.dumps({"meta": meta, "runs": rows,
                                                         "mean_over_categories": mean_over_categories(rows),
-                                                        "published": PUBLISHED}, indent=2) + "\n")
+                                                        "published": published()}, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(rows, meta))
     print(results_markdown(rows, meta))
     return 0

@@ -2,7 +2,7 @@
 
 Contents: format version, library version, model name and config, teacher name, global step, stage, model
 state (teacher included, so a run predicts with no weights download), optimizer state, and any extra
-training state (e.g. STFPM's best weights).
+training state (the steps each stage trained, a model's best validation weights).
 """
 
 from __future__ import annotations

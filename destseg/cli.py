@@ -1,14 +1,17 @@
 """Command line: ``destseg {inspect,train,test,predict,export,serve,evaluate,demo,benchmark}``.
 
-Each subcommand's options: ``destseg CMD --help``.
+Each subcommand's options: ``destseg CMD --help``. The model options of ``train`` (``--steps``,
+``--seg-width``...) come from the registered models' config fields (:mod:`destseg.models.base`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +19,67 @@ import numpy as np
 from destseg import __version__
 from destseg.errors import DestsegError
 
-def _image_size(values: list[int] | None):
-    if values is None:
-        return None
-    if len(values) > 2:
-        raise DestsegError(f"--image-size takes one size or a height and a width, not {len(values)} numbers")
-    return values[0] if len(values) == 1 else list(values)
+
+# ------------------------------------------------------------------------------------------ model flags
+
+@dataclass
+class ModelFlag:
+    """One ``train`` flag and the config field it sets in each model that has it."""
+
+    flag: str
+    field: dataclasses.Field  # the first model's declaration: help, type, choices
+    fields: dict[str, str]  # model name -> config field name
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def add_to(self, parser: argparse.ArgumentParser, all_models: list[str]) -> None:
+        meta, cli = self.field.metadata, dict(self.field.metadata["cli"])
+        cli.pop("parse", None)
+        help_text = meta["help"] + ("" if len(self.fields) == len(all_models) else f" ({', '.join(self.fields)})")
+        if "const" in cli:
+            parser.add_argument(self.flag, dest=self.dest, action="store_const", default=None, help=help_text, **cli)
+            return
+        if "type" not in cli:
+            cli["type"] = type(self.field.default)
+        parser.add_argument(self.flag, dest=self.dest, default=None, help=help_text, **cli)
+
+    def value(self, args):
+        value = getattr(args, self.dest)
+        parse = self.field.metadata["cli"].get("parse")
+        return parse(value) if parse is not None and value is not None else value
 
 
-def _add_inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
+def model_flags() -> dict[str, ModelFlag]:
+    """The ``train`` flags of every registered model's config fields, by flag."""
+    from destseg.models import MODELS, flag_of
+
+    flags: dict[str, ModelFlag] = {}
+    for name, cls in MODELS.items():
+        for f in dataclasses.fields(cls.Config):
+            flag = flag_of(f)
+            if flag:
+                flags.setdefault(flag, ModelFlag(flag, f, {})).fields[name] = f.name
+    return flags
 
 
-def _add_workers_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--workers", type=int, default=-1, metavar="N",
-                   help=f"{what}; -1 (default): 2 on a small CPU, up to 8 with a GPU; 0: all on the main "
-                        "process")
+def model_overrides(args) -> dict:
+    """The config fields the ``train`` flags given set for ``args.model``; a flag of another model only is
+    refused, naming it."""
+    overrides = {}
+    for flag in model_flags().values():
+        value = flag.value(args)
+        if value is None:
+            continue
+        if args.model not in flag.fields:
+            raise DestsegError(f"{flag.flag} does not apply to --model {args.model} (an option of "
+                               f"{', '.join(flag.fields)})")
+        overrides[flag.fields[args.model]] = value
+    return overrides
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD/BTAD layout, or VisA with split_csv)")
-    p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
-    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "mpdd", "btad", "visa"])
-
+# ---------------------------------------------------------------------------------------------- commands
 
 def cmd_inspect(args) -> int:
     from destseg.data import scan_dataset, validate
@@ -61,12 +97,9 @@ def cmd_inspect(args) -> int:
             print(f"{k:>12}: {summary[k]}")
         for name, count in summary["defect_types"].items():
             print(f"{'':>12}  {name}: {count}")
-        if "train_image_size" in summary:
-            print(f"{'train size':>12}: {summary['train_image_size']}")
-        if "train_color" in summary:
-            print(f"{'colour':>12}: {summary['train_color']}")
-        if summary.get("shape_note"):
-            print(f"{'note':>12}: {summary['shape_note']}")
+        for key, label in (("train_image_size", "train size"), ("train_color", "colour"), ("shape_note", "note")):
+            if summary.get(key):
+                print(f"{label:>12}: {summary[key]}")
         print(f"{'problems':>12}: {len(summary['problems'])}")
         for p in summary["problems"]:
             print(f"  - {p}")
@@ -75,44 +108,29 @@ def cmd_inspect(args) -> int:
 
 def cmd_train(args) -> int:
     from destseg.data import DataSource
-    from destseg.models import model_config
-    from destseg.schedules import parse_duration, schedule_overrides
-    from destseg.train import TrainOptions, TrainingInterrupted, train
+    from destseg.schedules import parse_duration
+    from destseg.train import TrainingInterrupted, TrainOptions, train
 
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
                            anomaly_color=args.anomaly_color, synthesis=args.synthesis,
                            checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
-                           log_every=args.log_every,
-                           teacher_weights=args.teacher_weights, threshold_holdout=args.threshold_holdout,
-                           threshold_fpr=args.threshold_fpr, progress=not args.no_progress)
+                           log_every=args.log_every, teacher_weights=args.teacher_weights,
+                           threshold_holdout=args.threshold_holdout, threshold_fpr=args.threshold_fpr,
+                           progress=not args.no_progress)
     if args.time_budget is not None:
         options.time_budget_s = parse_duration(args.time_budget)
-    index = None
     if args.resume:
-        config, data = None, None
+        call = {"resume": True}
     else:
         if not args.data or not args.category:
             raise DestsegError("--data and --category are required (unless --resume)")
-        data = DataSource(args.data, args.category, args.layout)
-        index = data.scan()
-        overrides, options.schedule = schedule_overrides(args.schedule, args.model, len(index.train))
-        overrides.update({k: v for k, v in {
-            "teacher": args.teacher, "steps": args.steps, "student_steps": args.student_steps,
-            "batch_size": args.batch_size, "epochs": args.epochs, "image_size": _image_size(args.image_size),
-            "lr": args.lr, "weight_decay": args.weight_decay, "batch_reduction": args.batch_reduction,
-            "val_split": args.val_split, "seg_width": args.seg_width}.items()
-            if v is not None})
-        if args.no_denoising:
-            overrides["denoising"] = False
-        if args.identical_student:
-            overrides["student_arch"] = "identical"
-        if args.no_segmentation:
-            overrides["segmentation"] = False
-        config = model_config(args.model, **overrides)
+        overrides = model_overrides(args)
+        options.schedule = args.schedule
+        call = {"data": DataSource(args.data, args.category, args.layout), "overrides": overrides,
+                "overwrite": args.overwrite}
     try:
-        path = train(args.out, args.model, config, data, index=index, options=options, resume=args.resume,
-                     overwrite=args.overwrite)
+        path = train(args.out, args.model, options=options, **call)
     except TrainingInterrupted as exc:
         print(f"destseg: {exc}", file=sys.stderr)
         return 130
@@ -122,12 +140,12 @@ def cmd_train(args) -> int:
 
 def cmd_test(args) -> int:
     from destseg.data import DataSource
-    from destseg.infer import metrics_table, evaluate_run
-    from destseg.train import read_run_config
+    from destseg.infer import evaluate_run, metrics_table
+    from destseg.run import Run
 
     data = None
     if args.data or args.category:  # what is not given comes from the run's own config
-        saved = (read_run_config(args.run).get("data") or {})
+        saved = Run(args.run).record.get("data") or {}
         root, category = args.data or saved.get("root"), args.category or saved.get("category")
         if not root or not category:
             raise DestsegError(f"{args.run}: the run does not record its data; pass both --data and --category")
@@ -235,56 +253,58 @@ def cmd_benchmark(args) -> int:
     return run_benchmark(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="destseg", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"destseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------------------------ parser
 
-    p = sub.add_parser("inspect", help="validate a dataset and print its counts")
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
+
+
+def _add_workers_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=int, default=-1, metavar="N",
+                   help=f"{what}; -1 (default): 2 on a small CPU, up to 8 with a GPU; 0: all on the main "
+                        "process")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD/BTAD layout, or VisA with split_csv)")
+    p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
+    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "mpdd", "btad", "visa"])
+
+
+def _inspect_parser(p) -> None:
     _add_data_args(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train a model into a run directory")
+
+def _train_parser(p) -> None:
+    from destseg.models import DEFAULT_MODEL, MODELS
+
     _add_data_args(p, required=False)
     p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--model", default="destseg", choices=["destseg", "stfpm", "tesd"])
-    p.add_argument("--teacher", choices=["resnet18", "efficientnet_lite0"], help="default: resnet18 (paper)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
     p.add_argument("--teacher-weights", help="explicit teacher weights file (ResNet18: torchvision's)")
-    p.add_argument("--schedule", default="paper",
-                   help="paper: the SPEC's schedule; cpu: batch 16 and a number of epochs that follows the "
-                        "training set, sized for a 2-core CPU; or a JSON file {model: {field: value}}. "
-                        "Explicit flags override it")
-    p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (each stage gets its "
-                                         "share of the budget; the steps reached are logged)")
-    p.add_argument("--steps", type=int, help="total steps, both stages (destseg, tesd)")
-    p.add_argument("--student-steps", type=int, help="steps of stage 1 (destseg, tesd)")
-    p.add_argument("--epochs", type=int, help="epochs (stfpm)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int, nargs="+", metavar="SIZE",
-                   help="model input size: S (square) or H W, multiples of 32 (default 256)")
-    p.add_argument("--lr", type=float, help="learning rate (stfpm)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--batch-reduction", choices=["mean", "sum"],
-                   help="stfpm loss over the batch: mean (official code) or 0.5 x sum (anomalib)")
-    p.add_argument("--val-split", type=float, help="stfpm: held-out share of the train images for checkpoint "
-                                                   "selection (0: keep the last weights)")
+    p.add_argument("--schedule", default="auto",
+                   help="auto (default): cpu on a CPU, paper on a GPU; paper: the SPEC's schedule; cpu: the "
+                        "model's schedule sized for a 2-core CPU (batch 16, epochs that follow the training "
+                        "set); or a JSON file {model: {field: value}}. Explicit flags override it")
+    p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
+                                         "cumulative share of the budget; the steps trained are recorded)")
+    for flag in model_flags().values():
+        flag.add_to(p, list(MODELS))
     p.add_argument("--texture-dir", help="anomaly source images: a folder (DTD layout or flat), or dtd to download "
                                          "the DTD release once into the cache (the paper's source); default: a "
                                          "built-in procedural generator (offline fallback, flagged in the run)")
     p.add_argument("--rotation", choices=["none", "small", "rot90"],
-                   help="train-time rotation; default: the category's SPEC setting (none for STFPM and for a "
-                        "category the library does not know)")
+                   help="train-time rotation; default: the category's SPEC setting (none for a model that trains "
+                        "without augmentation and for a category the library does not know)")
     p.add_argument("--anomaly-color", default="auto", choices=["auto", "rgb", "gray"],
                    help="colour of the synthetic anomalies: rgb (the textures as they are), gray (their "
                         "luminance); auto (default): gray when every training image is grayscale")
-    p.add_argument("--seg-width", type=int,
-                   help="channels of the segmentation network (destseg, tesd; default 256 as the paper): 128 "
-                        "trained stage 2 3.4x and inferred 2.8x faster on a 2-core CPU with the same metrics "
-                        "within seed noise (docs/RESULTS.md)")
-    p.add_argument("--no-denoising", action="store_true", help="ablation: student sees clean images")
-    p.add_argument("--identical-student", action="store_true", help="ablation: student = teacher architecture")
-    p.add_argument("--no-segmentation", action="store_true", help="ablation: DeST product map, no seg. network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -294,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(batched tensor operations on the training device), auto: device on CUDA, else cpu")
     p.add_argument("--threshold-holdout", type=float, default=0.1,
                    help="share of the training images kept aside to set the decision threshold from good "
-                        "images (default 0.1; stfpm uses its validation images; 0: score the training images)")
+                        "images (default 0.1; a model with validation images of its own uses those; 0: "
+                        "score the training images)")
     p.add_argument("--threshold-fpr", type=float, default=0.01,
-                   help="false-positive rate of that threshold on good images (default 0.01)")
+                   help="false-positive rate that threshold guarantees on good images (default 0.01; split "
+                        "conformal: with fewer than 1/fpr - 1 good images the bound is 1/(n+1), with a warning)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0,
                    help="also checkpoint after this many minutes without one, so that a killed run (power loss, "
@@ -305,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="evaluate a run on its test split; writes RUN/metrics.json")
+
+def _test_parser(p) -> None:
     p.add_argument("--run", required=True, type=Path)
     _add_data_args(p, required=False)
     _add_inference_args(p)
@@ -317,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workers_arg(p, "DataLoader worker processes that read, decode and resize the test images")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_test)
 
-    p = sub.add_parser("predict", help="score images (file, folder or glob): overlays, masks, CSV, JSON")
+
+def _predict_parser(p) -> None:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--input", required=True, help="image, folder (recursive) or quoted glob")
     p.add_argument("--out", required=True, type=Path)
@@ -333,17 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workers_arg(p, "threads that read, decode and resize the images and write the PNGs")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)")
+
+def _export_parser(p) -> None:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
                    help="onnx: one .onnx file; openvino: a folder with model.xml and model.bin")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="HTTP service and web page for a run: POST /predict, GET /health, GET /")
+
+def _serve_parser(p) -> None:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -351,29 +373,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="largest micro-batch of concurrent requests")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a micro-batch to fill")
     p.add_argument("--max-mb", type=int, default=20, help="largest accepted upload, in MiB")
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("evaluate", help="metrics of any method's outputs saved as .npz")
+
+def _evaluate_parser(p) -> None:
     p.add_argument("--predictions", required=True, help="npz with maps, masks, labels[, scores]")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="build the embedded demo dataset, train, test and write heat maps")
+
+def _demo_parser(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, help="override the demo's total steps")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("benchmark", help="train and test (category, model, seed) runs; results table")
+
+def _benchmark_parser(p) -> None:
+    from destseg.models import BACKBONES, MODELS
+
     p.add_argument("--data", required=True, action="append",
                    help="dataset root, or name=root; repeat for several datasets (e.g. --data mvtec=ROOT1 "
                         "--data mpdd=ROOT2)")
     p.add_argument("--categories", default="all",
                    help="comma-separated category names (or dataset:category), or all: every category folder "
                         "with a train/ folder under each root")
-    p.add_argument("--models", default="destseg,stfpm,tesd")
-    p.add_argument("--schedule", default="cpu", help="paper, cpu, or a JSON file (see train --help)")
-    p.add_argument("--teacher", default="efficientnet_lite0", choices=["resnet18", "efficientnet_lite0"])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--schedule", default="cpu", help="auto, paper, cpu, or a JSON file (see train --help)")
+    p.add_argument("--teacher", default="efficientnet_lite0", choices=list(BACKBONES))
     p.add_argument("--texture-dir")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per (category, model)")
     p.add_argument("--device", default="auto")
@@ -381,7 +405,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_OPTIONS",
                    help="train options for every run, after --, e.g. -- --anomaly-color rgb --image-size 224")
-    p.set_defaults(func=cmd_benchmark)
+
+
+COMMANDS = {  # name: (help, arguments, action)
+    "inspect": ("validate a dataset and print its counts", _inspect_parser, cmd_inspect),
+    "train": ("train a model into a run directory", _train_parser, cmd_train),
+    "test": ("evaluate a run on its test split; writes RUN/metrics.json", _test_parser, cmd_test),
+    "predict": ("score images (file, folder or glob): overlays, masks, CSV, JSON", _predict_parser, cmd_predict),
+    "export": ("export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)", _export_parser,
+               cmd_export),
+    "serve": ("HTTP service and web page for a run: POST /predict, GET /health, GET /", _serve_parser, cmd_serve),
+    "evaluate": ("metrics of any method's outputs saved as .npz", _evaluate_parser, cmd_evaluate),
+    "demo": ("build the embedded demo dataset, train, test and write heat maps", _demo_parser, cmd_demo),
+    "benchmark": ("train and test (category, model, seed) runs; results table", _benchmark_parser, cmd_benchmark),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="destseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"destseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, arguments, action) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        arguments(p)
+        p.set_defaults(func=action)
     return parser
 
 

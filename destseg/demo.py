@@ -117,8 +117,8 @@ def write_heatmaps(out_dir: Path, outputs, samples, size: int) -> int:
 
 def run_demo(out: Path, overwrite: bool = False, steps: int | None = None, seed: int = 0) -> int:
     from destseg.data import scan_dataset, validate
-    from destseg.infer import metrics_table, evaluate_run
-    from destseg.models import model_config
+    from destseg.infer import evaluate_run, metrics_table
+    from destseg.models import DEFAULT_MODEL, model_config
     from destseg.train import DataSource, TrainOptions, train
 
     if out.exists() and any(out.iterdir()):
@@ -134,9 +134,9 @@ def run_demo(out: Path, overwrite: bool = False, steps: int | None = None, seed:
     schedule = dict(DEMO_SCHEDULE)
     if steps:
         schedule["steps"], schedule["student_steps"] = steps, max(1, int(steps * 0.55))
-    config = model_config("destseg", **schedule)
+    config = model_config(DEFAULT_MODEL, **schedule)
     run = out / "run"
-    train(run, "destseg", config, DataSource(str(data_root), "demo"), options=TrainOptions(seed=seed))
+    train(run, DEFAULT_MODEL, config, DataSource(str(data_root), "demo"), options=TrainOptions(seed=seed))
     result = evaluate_run(run, progress=False)
     outputs = result.pop("_outputs")
     n = write_heatmaps(out / "heatmaps", outputs, index.test, config.image_size)

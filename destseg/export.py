@@ -14,7 +14,7 @@ from torch import nn
 from destseg.checkpoint import atomic_write
 from destseg.data.images import hw
 from destseg.errors import DestsegError
-from destseg.train import load_model
+from destseg.run import load_model
 
 
 class MapAndScore(nn.Module):
@@ -29,7 +29,7 @@ class MapAndScore(nn.Module):
 
 def export_onnx(run_dir: Path | str, out_path: Path | str, opset: int = 17) -> Path:
     model, ckpt = load_model(run_dir, "cpu")
-    h, w = hw(ckpt["config"]["image_size"])
+    h, w = hw(model.config.image_size)
     wrapper = MapAndScore(model).eval()
     example = torch.zeros(2, 3, h, w)
 

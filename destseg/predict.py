@@ -32,6 +32,7 @@ from destseg.data.images import IMAGE_EXTENSIONS, hw, is_image_file, read_rgb, r
 from destseg.device import io_workers
 from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector
+from destseg.thresholds import in_force
 from destseg.visualize import threshold_mask, threshold_overlay
 
 
@@ -102,22 +103,89 @@ def _write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray,
     Image.fromarray(threshold_mask(amap, pixel_thr)).save(mask_path)
 
 
-def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | None = None,
-                pixel_threshold: float | None = None, batch_size: int = 16, device: str = "auto",
-                precision: str = "auto", overwrite: bool = False, progress: bool = True,
-                backend: str = "torch", compile: str = "auto", workers: int = -1, output_size: str = "input") -> int:
-    """``workers``: threads for reading and writing images (-1: :func:`destseg.device.io_workers`; 0: none);
-    ``output_size``: overlays and masks at each ``input`` image's size or at the ``model``'s."""
+class _Results:
+    """The outputs of one ``predict`` call: PNG writes (on the pool, a bounded number in flight), and
+    results.csv / results.json streamed to temporary files, renamed into place by :meth:`finish`."""
+
+    def __init__(self, out: Path, base: Path, pool: ThreadPoolExecutor | None, in_flight: int, output_size: str,
+                 model_hw: tuple[int, int], pixel_thr: float | None):
+        self.out, self.base, self.pool, self.in_flight = out, base, pool, in_flight
+        self.output_size, self.model_hw, self.pixel_thr = output_size, model_hw, pixel_thr
+        self.writes: deque = deque()
+        self.used: set[str] = set()  # output names given so far: none is written twice
+        self.skipped: list[dict] = []
+        self.n_done = self.n_defect = 0
+        self.csv_tmp, self.json_tmp = out / ".results.csv.tmp", out / ".results.json.tmp"
+        self.fcsv = open(self.csv_tmp, "w", newline="")
+        self.fjson = open(self.json_tmp, "w")
+        self.csv = csv.writer(self.fcsv)
+        self.csv.writerow(["file", "score", "decision", "overlay", "mask", "height", "width"])
+        self.fjson.write('{"results": [\n')
+
+    def _names(self, path: Path) -> tuple[Path, Path]:
+        """Overlay and mask paths named after the input (``sub/a.png`` -> ``overlays/sub/a.png``); of two inputs
+        that differ only in their extension, the later keeps it."""
+        rel = path.relative_to(self.base) if path.is_relative_to(self.base) else Path(path.name)
+        stem = rel.with_suffix("")
+        if str(stem) in self.used:
+            stem = rel
+        self.used.add(str(stem))
+        over_path, mask_path = self.out / "overlays" / f"{stem}.png", self.out / "masks" / f"{stem}.png"
+        over_path.parent.mkdir(parents=True, exist_ok=True)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        return over_path, mask_path
+
+    def add(self, path: Path, img: np.ndarray, in_hw: tuple[int, int], pred) -> None:
+        over_path, mask_path = self._names(path)
+        job = (over_path, mask_path, path, img, pred.map, in_hw if self.output_size == "input" else self.model_hw,
+               self.pixel_thr)
+        if self.pool is None:
+            _write_pngs(*job)
+        else:
+            self.writes.append(self.pool.submit(_write_pngs, *job))
+            while len(self.writes) > self.in_flight:
+                self.writes.popleft().result()
+        row = {"file": str(path), "score": pred.score, "decision": "defect" if pred.is_defect else "ok",
+               "overlay": str(over_path.relative_to(self.out)), "mask": str(mask_path.relative_to(self.out)),
+               "height": in_hw[0], "width": in_hw[1]}
+        self.csv.writerow(row.values())
+        self.fjson.write(("" if self.n_done == 0 else ",\n") + json.dumps(row))
+        self.n_done += 1
+        self.n_defect += bool(pred.is_defect)
+
+    def finish(self, image_thr: float, pixel_thr: float | None) -> None:
+        """Every PNG on disk, then the results files put in place."""
+        while self.writes:
+            self.writes.popleft().result()
+        self.fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": {json.dumps(pixel_thr)},\n'
+                         + f'"skipped": {json.dumps(self.skipped, indent=1)}}}\n')
+        self.close()
+        os.replace(self.csv_tmp, self.out / "results.csv")
+        os.replace(self.json_tmp, self.out / "results.json")
+
+    def close(self) -> None:
+        self.fcsv.close()
+        self.fjson.close()
+
+
+def _check_args(output_size: str, batch_size: int, workers: int) -> None:
     if output_size not in ("input", "model"):
         raise DestsegError(f"--output-size must be input or model (got {output_size!r})")
     if batch_size < 1:
         raise DestsegError(f"--batch-size must be at least 1 (got {batch_size})")
     if workers < -1:
         raise DestsegError(f"--workers must be -1 (automatic) or more (got {workers})")
+
+
+def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | None = None,
+                pixel_threshold: float | None = None, batch_size: int = 16, device: str = "auto",
+                precision: str = "auto", overwrite: bool = False, progress: bool = True,
+                backend: str = "torch", compile: str = "auto", workers: int = -1, output_size: str = "input") -> int:
+    """``workers``: threads for reading and writing images (-1: :func:`destseg.device.io_workers`; 0: none);
+    ``output_size``: overlays and masks at each ``input`` image's size or at the ``model``'s."""
+    _check_args(output_size, batch_size, workers)
     det = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
-    thresholds = det.thresholds or {}
-    image_thr = threshold if threshold is not None else thresholds.get("image")
-    pixel_thr = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel", image_thr)
+    image_thr, pixel_thr = in_force(det.thresholds, threshold, pixel_threshold)
     if image_thr is None:
         raise DestsegError(f"{run_dir}: no stored threshold (run `destseg test` first) and no --threshold given")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -125,84 +193,49 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     base, paths = iter_inputs(input_spec)
-    size = det.config["image_size"]
-    model_hw = hw(size)
+    size = det.config.image_size
     workers = io_workers(det.device) if workers < 0 else workers
-    csv_tmp, json_tmp = out / ".results.csv.tmp", out / ".results.json.tmp"
-    skipped: list[dict] = []
-    n_done = n_defect = 0
     bar = tqdm(total=_count(input_spec), desc="predict", unit="img", disable=not progress)
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-io") if workers > 0 else None
-    writes: deque = deque()  # PNG writes in flight, bounded like the reads
-    used: set[str] = set()  # output names given so far: none is written twice
+    results = _Results(out, base, pool, 4 * batch_size, output_size, hw(size), pixel_thr)
     try:
-        with open(csv_tmp, "w", newline="") as fcsv, open(json_tmp, "w") as fjson:
-            writer = csv.writer(fcsv)
-            writer.writerow(["file", "score", "decision", "overlay", "mask", "height", "width"])
-            fjson.write('{"results": [\n')
-            first = True
-
-            def flush(batch):
-                nonlocal first, n_done, n_defect
-                preds = det.predict_batch([img for _, img, _ in batch], threshold=image_thr)
-                for (path, img, in_hw), pred in zip(batch, preds):
-                    rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
-                    stem = rel.with_suffix("")
-                    if str(stem) in used:  # a.png and a.jpg side by side: the second keeps its extension
-                        stem = rel
-                    used.add(str(stem))
-                    over_path = out / "overlays" / f"{stem}.png"
-                    mask_path = out / "masks" / f"{stem}.png"
-                    over_path.parent.mkdir(parents=True, exist_ok=True)
-                    mask_path.parent.mkdir(parents=True, exist_ok=True)
-                    job = (over_path, mask_path, path, img, pred.map,
-                           in_hw if output_size == "input" else model_hw, pixel_thr)
-                    if pool is None:
-                        _write_pngs(*job)
-                    else:
-                        writes.append(pool.submit(_write_pngs, *job))
-                        while len(writes) > 4 * batch_size:
-                            writes.popleft().result()
-                    decision = "defect" if pred.is_defect else "ok"
-                    n_defect += pred.is_defect
-                    row = {"file": str(path), "score": pred.score, "decision": decision,
-                           "overlay": str(over_path.relative_to(out)), "mask": str(mask_path.relative_to(out)),
-                           "height": in_hw[0], "width": in_hw[1]}
-                    writer.writerow(row.values())
-                    fjson.write(("" if first else ",\n") + json.dumps(row))
-                    first = False
-                    n_done += 1
-                bar.update(len(batch))
-
-            batch = []
-            for path, img, error, in_hw in _ordered(pool, lambda p: _load(p, size), paths, 2 * batch_size):
-                if error is not None:
-                    skipped.append({"file": str(path), "reason": error})
-                    bar.update(1)
-                    continue
-                batch.append((path, img, in_hw))
-                if len(batch) == batch_size:
-                    flush(batch)
-                    batch = []
-            if batch:
-                flush(batch)
-            while writes:  # every PNG is on disk before the results files are put in place
-                writes.popleft().result()
-            fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": {json.dumps(pixel_thr)},\n'
-                        + f'"skipped": {json.dumps(skipped, indent=1)}}}\n')
+        batch = []
+        for path, img, error, in_hw in _ordered(pool, lambda p: _load(p, size), paths, 2 * batch_size):
+            if error is not None:
+                results.skipped.append({"file": str(path), "reason": error})
+                bar.update(1)
+                continue
+            batch.append((path, img, in_hw))
+            if len(batch) == batch_size:
+                _score(det, batch, image_thr, results, bar)
+                batch = []
+        if batch:
+            _score(det, batch, image_thr, results, bar)
+        results.finish(image_thr, pixel_thr)
     finally:
+        results.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    os.replace(csv_tmp, out / "results.csv")
-    os.replace(json_tmp, out / "results.json")
-    wall = time.perf_counter() - t0
-    print(f"{n_done} images in {wall:.1f} s ({n_done / max(wall, 1e-9):.1f} images/s, reading and writing included): "
-          f"{n_defect} defect, {n_done - n_defect} ok; results in {out}")
-    if skipped:
-        print(f"{len(skipped)} file(s) skipped:", file=sys.stderr)
-        for s in skipped:
+    return _summary(results, out, time.perf_counter() - t0)
+
+
+def _score(det: Detector, batch: list, image_thr: float, results: _Results, bar) -> None:
+    preds = det.predict_batch([img for _, img, _ in batch], threshold=image_thr)
+    for (path, img, in_hw), pred in zip(batch, preds):
+        results.add(path, img, in_hw, pred)
+    bar.update(len(batch))
+
+
+def _summary(results: _Results, out: Path, wall: float) -> int:
+    """The closing lines: images/s, decisions, skipped files (exit code 1 when any)."""
+    n = results.n_done
+    print(f"{n} images in {wall:.1f} s ({n / max(wall, 1e-9):.1f} images/s, reading and writing included): "
+          f"{results.n_defect} defect, {n - results.n_defect} ok; results in {out}")
+    if results.skipped:
+        print(f"{len(results.skipped)} file(s) skipped:", file=sys.stderr)
+        for s in results.skipped:
             print(f"  {s['reason']}", file=sys.stderr)
         return 1
     return 0

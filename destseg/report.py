@@ -4,18 +4,15 @@ negatives at the stored image threshold, each with its heat-map overlay."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from destseg.checkpoint import atomic_write_text
 from destseg.data.images import read_rgb, resize_rgb
 from destseg.metrics import METRIC_NAMES, precision_recall, roc_curve
-from destseg.visualize import overlay
+from destseg.visualize import overlay, png_b64
 
 W, H, PAD = 320, 240, 36
 
@@ -57,18 +54,24 @@ def _svg_histogram(good: np.ndarray, bad: np.ndarray, threshold: float | None) -
             f'<text x="{W - PAD}" y="{H - 8}" fill="#c0392b" text-anchor="end">defect ({bad.size})</text></svg>')
 
 
-def _png_b64(arr: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+def _trained(result: dict) -> str:
+    """The steps trained, against the plan and per stage."""
+    trained, planned = result.get("steps_trained"), result.get("steps_planned")
+    if trained is None:
+        return html.escape(result.get("training_note", ""))
+    stages = ", ".join(f"{html.escape(s['name'])} {s['trained']}/{s['planned']}" for s in result.get("stages") or [])
+    return f"Trained {trained} of {planned} planned steps ({stages})."
 
 
 def write_report(path: Path, result: dict, outputs, samples, size: int, n_worst: int = 6) -> None:
     labels, scores = outputs.labels.astype(bool), outputs.scores
     thr = result.get("thresholds", {}).get("image")
     parts = [f"<h1>destseg report: {html.escape(result['model'])} ({html.escape(result['teacher'])})</h1>",
-             f"<p>{result['n_test']} test images, step {result['step']}, {result['precision']} on "
-             f"{html.escape(result['device'])}, {result['images_per_s']:.1f} images/s.</p>"]
+             f"<p>{result['n_test']} test images, {result['precision']} on {html.escape(result['device'])}, "
+             f"{result['images_per_s']:.1f} images/s. {_trained(result)}</p>"]
+    if result.get("undertrained"):
+        parts.append('<p class="warning"><b>Undertrained</b>: the time budget cut training below half of its '
+                     "plan; these metrics are not what the schedule would reach.</p>")
     if "i_auroc" in result:
         head = "".join(f"<th>{m}</th>" for m in METRIC_NAMES)
         def row(name, prefix):
@@ -96,12 +99,13 @@ def write_report(path: Path, result: dict, outputs, samples, size: int, n_worst:
                 img = resize_rgb(read_rgb(samples[i].path), size)
                 over = overlay(img, outputs.maps[i], 0.0, vmax, mask=outputs.masks[i])
                 tag = "misclassified" if i in wrong else "correct"
-                cells.append(f'<figure class="{tag}"><img src="data:image/png;base64,{_png_b64(over)}" width="160">'
+                cells.append(f'<figure class="{tag}"><img src="data:image/png;base64,{png_b64(over)}" width="160">'
                              f"<figcaption>{html.escape(samples[i].defect)}/{html.escape(samples[i].path.name)}<br>"
                              f"score {scores[i]:.4f} ({tag})</figcaption></figure>")
             parts.append(f"<h2>{title}</h2><p>threshold {thr:.4f}</p><div class=\"grid\">{''.join(cells)}</div>")
     style = ("body{font-family:sans-serif;margin:24px;max-width:1100px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}.charts,.grid{display:flex;"
-             "flex-wrap:wrap;gap:12px}figure{margin:0;font-size:12px}.misclassified img{outline:3px solid #c0392b}")
+             "flex-wrap:wrap;gap:12px}figure{margin:0;font-size:12px}.misclassified img{outline:3px solid #c0392b}"
+             ".warning{color:#c0392b}")
     atomic_write_text(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>destseg report</title>"
                             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")

@@ -1,9 +1,8 @@
-"""Training schedules: the paper's (SPEC), a CPU one whose length follows the training set, or a JSON file.
+"""Training schedules: the paper's (each model config's defaults), the model's own ``cpu`` schedule, ``auto``
+(cpu on a CPU, paper on a GPU), or a JSON file ``{model: {config field: value}}``.
 
-A schedule maps a model name to config overrides. The ``cpu`` schedule trains DeSTSeg and TESD for a fixed
-number of *epochs* at batch 16 (not a fixed number of steps), so a 54-image set is not seen 180 times
-and a 700-image set is not undertrained; the steps are clamped to keep a run between ~8 and ~60 minutes on
-a 2-core CPU. ``--time-budget`` (TrainOptions.time_budget_s) can cap any schedule by wall time.
+A schedule maps to config overrides; explicit command-line flags override it. ``--time-budget``
+(TrainOptions.time_budget_s) can cap any schedule by wall time.
 """
 
 from __future__ import annotations
@@ -13,42 +12,28 @@ import math
 from pathlib import Path
 
 from destseg.errors import DestsegError
+from destseg.models import model_class
 
-# cpu schedule for the segmentation-guided models: epochs of each stage at batch 16 and step clamps.
-# On MVTec bottle (209 training images) this is 600 + 300 steps, the schedule measured in docs/RESULTS.md.
-CPU_BATCH = 16
-CPU_STUDENT_EPOCHS = 600 * CPU_BATCH / 209
-CPU_SEGMENTATION_EPOCHS = 300 * CPU_BATCH / 209
-CPU_STUDENT_STEPS = (300, 2400)
-CPU_SEGMENTATION_STEPS = (150, 1200)
-
-SCHEDULE_NAMES = ("paper", "cpu")
+SCHEDULE_NAMES = ("auto", "paper", "cpu")
 
 
-def _clamp(value: float, bounds: tuple[int, int]) -> int:
-    return int(min(max(round(value), bounds[0]), bounds[1]))
-
-
-def cpu_steps(n_train: int) -> tuple[int, int]:
-    """(student steps, segmentation steps) of the cpu schedule for ``n_train`` training images."""
-    student = _clamp(CPU_STUDENT_EPOCHS * n_train / CPU_BATCH, CPU_STUDENT_STEPS)
-    segmentation = _clamp(CPU_SEGMENTATION_EPOCHS * n_train / CPU_BATCH, CPU_SEGMENTATION_STEPS)
-    return student, segmentation
+def resolve_schedule_name(name: str, device_type: str) -> str:
+    """``auto``: the cpu schedule on a CPU, the paper's on a GPU; any other name as it is."""
+    if name == "auto":
+        return "cpu" if device_type == "cpu" else "paper"
+    return name
 
 
 def schedule_overrides(name: str, model: str, n_train: int) -> tuple[dict, str]:
     """(config overrides for ``model``, a one-line description) of the schedule ``name``: ``paper``,
-    ``cpu`` or a JSON file ``{model: {config field: value}}``."""
+    ``cpu`` or a JSON file ``{model: {config field: value}}``; ``n_train``: the images that train."""
     if name == "paper":
         return {}, "paper (SPEC) schedule"
     if name == "cpu":
-        if model == "stfpm":
-            return {"batch_size": CPU_BATCH}, "cpu schedule: batch 16, the paper's 100 epochs"
-        student, segmentation = cpu_steps(n_train)
-        return ({"batch_size": CPU_BATCH, "student_steps": student, "steps": student + segmentation},
-                f"cpu schedule: batch 16, {student} student + {segmentation} segmentation steps for "
-                f"{n_train} training images ({CPU_STUDENT_EPOCHS:.1f} + {CPU_SEGMENTATION_EPOCHS:.1f} epochs, "
-                f"clamped to {CPU_STUDENT_STEPS} and {CPU_SEGMENTATION_STEPS})")
+        cls = model_class(model)
+        if "cpu" not in cls.schedules:
+            return {}, f"paper (SPEC) schedule (model '{model}' has no cpu schedule)"
+        return cls.schedules["cpu"](n_train)
     path = Path(name)
     if path.suffix == ".json" and path.is_file():
         try:
@@ -58,7 +43,7 @@ def schedule_overrides(name: str, model: str, n_train: int) -> tuple[dict, str]:
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise DestsegError(f"{path}: a schedule file maps model names to {{config field: value}} objects")
         return dict(table.get(model, {})), f"schedule file {path}"
-    raise DestsegError(f"--schedule '{name}': not paper, cpu, or an existing .json file")
+    raise DestsegError(f"--schedule '{name}': not auto, paper, cpu, or an existing .json file")
 
 
 def parse_duration(text: str) -> float:

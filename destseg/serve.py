@@ -10,9 +10,7 @@ a 4xx JSON ``{"error": ...}`` naming the problem; the service keeps serving.
 from __future__ import annotations
 
 import asyncio
-import base64
 import html
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -31,7 +29,8 @@ except ImportError:  # checked with a clear message in serve()
 from destseg.data.images import decode_rgb, hw, resize_map, resize_rgb
 from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector, Prediction
-from destseg.visualize import threshold_mask, threshold_overlay
+from destseg.thresholds import in_force
+from destseg.visualize import png_b64, threshold_mask, threshold_overlay
 
 
 @dataclass
@@ -100,113 +99,120 @@ class MicroBatcher:
                                              "infer_ms": 1000 * infer_s, "batch_size": len(batch)}))
 
 
-def _png_b64(arr: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def create_app(detector: Detector, max_batch: int = 16, max_wait_ms: float = 5.0,
                max_bytes: int = 20 * 1024 * 1024, run_name: str = "run"):
     """The FastAPI application serving ``detector``."""
-    batcher = MicroBatcher(detector, max_batch, max_wait_ms / 1000)
-    thresholds = detector.thresholds or {}
-    stored_thr = thresholds.get("image")
-    pixel_thr = thresholds.get("pixel", stored_thr)
-    size = detector.config["image_size"]
-    page_html = resources.files("destseg").joinpath("serve_page.html").read_text().replace(
-        "__RUN__", html.escape(run_name))
+    service = _Service(detector, MicroBatcher(detector, max_batch, max_wait_ms / 1000), max_bytes, run_name)
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        service.batcher.start()
         yield
-        await batcher.stop()
+        await service.batcher.stop()
 
     app = FastAPI(title="destseg", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher = service.batcher
+    app.get("/health")(service.health)
+    app.get("/", response_class=HTMLResponse)(service.page)
+    app.post("/predict")(service.predict)
+    return app
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "run": run_name, "model": detector.model_name, "teacher": detector.config["teacher"],
-                "image_size": size, "device": str(detector.device),
-                "precision": getattr(detector.model, "precision", "fp32" if detector.dtype is None else "bf16"),
-                "threshold": stored_thr,
-                "threshold_source": thresholds.get("source"), "threshold_method": thresholds.get("method"),
-                "batches": batcher.batches, "images": batcher.images}
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return page_html
 
-    async def read_limited(request: Request) -> bytes | JSONResponse:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return error(413, f"request body is {int(length):,} bytes, more than the {max_bytes:,} allowed")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_bytes:
-                return error(413, f"request body is more than the {max_bytes:,} bytes allowed")
-            chunks.append(chunk)
-        return b"".join(chunks)
+class _Service:
+    """The endpoints of one served run."""
 
-    @app.post("/predict")
-    async def predict(request: Request, threshold: float | None = None, overlay: bool = False,
+    def __init__(self, detector: Detector, batcher: MicroBatcher, max_bytes: int, run_name: str):
+        self.detector, self.batcher, self.max_bytes, self.run_name = detector, batcher, max_bytes, run_name
+        self.thresholds = detector.thresholds or {}
+        self.image_thr, self.pixel_thr = in_force(self.thresholds)
+        self.page_html = resources.files("destseg").joinpath("serve_page.html").read_text().replace(
+            "__RUN__", html.escape(run_name))
+
+    async def health(self):
+        d = self.detector
+        return {"status": "ok", "run": self.run_name, "model": d.model_name, "teacher": d.config.teacher,
+                "image_size": d.config.image_size, "device": str(d.device),
+                "precision": getattr(d.model, "precision", "fp32" if d.dtype is None else "bf16"),
+                "threshold": self.image_thr, "threshold_source": self.thresholds.get("source"),
+                "threshold_method": self.thresholds.get("method"),
+                "batches": self.batcher.batches, "images": self.batcher.images}
+
+    async def page(self):
+        return self.page_html
+
+    async def predict(self, request: Request, threshold: float | None = None, overlay: bool = False,
                       mask: bool = False, output_size: str = "input"):
         t0 = time.perf_counter()
         if output_size not in ("input", "model"):
-            return error(400, f"output_size must be input or model (got {output_size!r})")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        name = "upload"
-        if ctype == "multipart/form-data":
-            body = await read_limited(request)
-            if isinstance(body, JSONResponse):
-                return body
-            data, name = await _multipart_file(request, body)
-            if data is None:
-                return error(400, "multipart request has no file field (send the image as field 'file')")
-        elif ctype.startswith("image/") or ctype == "application/octet-stream":
-            data = await read_limited(request)
-            if isinstance(data, JSONResponse):
-                return data
-        else:
-            return error(415, f"content type '{ctype or 'none'}' is not supported: send the image as the raw "
-                              "body with an image/* content type, or as multipart/form-data field 'file'")
-        if not data:
-            return error(400, "empty body: no image was sent")
+            return _error(400, f"output_size must be input or model (got {output_size!r})")
+        if mask and self.pixel_thr is None:
+            return _error(400, "the run has no pixel threshold: mask unavailable (train with this version "
+                               "or run `destseg test`)")
+        upload = await self._upload(request)
+        if isinstance(upload, JSONResponse):
+            return upload
+        data, name = upload
         try:
             image = await asyncio.get_running_loop().run_in_executor(None, decode_rgb, data, name)
         except ImageError as exc:
             status = 413 if "too large" in str(exc) or "more than the" in str(exc) else 400
-            return error(status, str(exc))
+            return _error(status, str(exc))
         decode_ms = 1000 * (time.perf_counter() - t0)
         try:
-            pred, timing = await batcher.predict(image)
+            pred, timing = await self.batcher.predict(image)
         except Exception as exc:  # pragma: no cover - a model failure is a server error, reported as such
-            return error(500, f"inference failed: {exc}")
-        thr = threshold if threshold is not None else stored_thr
+            return _error(500, f"inference failed: {exc}")
+        thr = threshold if threshold is not None else self.image_thr
         result = {"score": pred.score, "threshold": thr,
-                  "threshold_source": "request" if threshold is not None else thresholds.get("source"),
+                  "threshold_source": "request" if threshold is not None else self.thresholds.get("source"),
                   "is_defect": None if thr is None else bool(pred.score >= thr),
                   "width": image.width, "height": image.height,
                   "timing_ms": {"decode": decode_ms, **{k: v for k, v in timing.items() if k != "batch_size"}},
                   "batch_size": timing["batch_size"]}
         result["decision"] = None if thr is None else ("defect" if result["is_defect"] else "ok")
-        if mask and pixel_thr is None:
-            return error(400, "the run has no pixel threshold: mask unavailable (train with this version "
-                              "or run `destseg test`)")
         if overlay or mask:  # resizing and PNG encoding off the event loop: a large frame takes a while
-            out_hw = (image.height, image.width) if output_size == "input" else hw(size)
+            out_hw = (image.height, image.width) if output_size == "input" else hw(self.detector.config.image_size)
             result.update(await asyncio.get_running_loop().run_in_executor(
-                None, _images, image, pred.map, out_hw, overlay, mask, pixel_thr))
+                None, _images, image, pred.map, out_hw, overlay, mask, self.pixel_thr))
         result["timing_ms"]["total"] = 1000 * (time.perf_counter() - t0)
         return result
 
-    return app
+    async def _upload(self, request: Request) -> tuple[bytes, str] | JSONResponse:
+        """(image bytes, name) of a raw-body or multipart upload, or the 4xx response saying what is wrong."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            body = await self._read_limited(request)
+            if isinstance(body, JSONResponse):
+                return body
+            data, name = await _multipart_file(request, body)
+            if data is None:
+                return _error(400, "multipart request has no file field (send the image as field 'file')")
+        elif ctype.startswith("image/") or ctype == "application/octet-stream":
+            data, name = await self._read_limited(request), "upload"
+            if isinstance(data, JSONResponse):
+                return data
+        else:
+            return _error(415, f"content type '{ctype or 'none'}' is not supported: send the image as the raw "
+                               "body with an image/* content type, or as multipart/form-data field 'file'")
+        if not data:
+            return _error(400, "empty body: no image was sent")
+        return data, name
+
+    async def _read_limited(self, request: Request) -> bytes | JSONResponse:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return _error(413, f"request body is {int(length):,} bytes, more than the {self.max_bytes:,} allowed")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > self.max_bytes:
+                return _error(413, f"request body is more than the {self.max_bytes:,} bytes allowed")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def _images(image, amap: np.ndarray, out_hw: tuple[int, int], overlay: bool, mask: bool,
@@ -215,9 +221,9 @@ def _images(image, amap: np.ndarray, out_hw: tuple[int, int], overlay: bool, mas
     out = {}
     amap = resize_map(amap, out_hw)
     if overlay:
-        out["overlay_png"] = _png_b64(threshold_overlay(resize_rgb(image, out_hw), amap, pixel_thr))
+        out["overlay_png"] = png_b64(threshold_overlay(resize_rgb(image, out_hw), amap, pixel_thr))
     if mask:
-        out["mask_png"] = _png_b64(threshold_mask(amap, pixel_thr))
+        out["mask_png"] = png_b64(threshold_mask(amap, pixel_thr))
     return out
 
 

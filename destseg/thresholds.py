@@ -1,47 +1,83 @@
-"""Decision thresholds: from good images only (at the end of training) or F1-max on a labelled test split.
+"""Decision thresholds: from good images only (split conformal, at the end of training, or ``destseg test`` on
+a split without defects) or F1-max on a labelled test split, and which threshold is in force.
 
 RUN/thresholds.json holds the thresholds in force (``image``, ``pixel``), where they came from (``source``:
 ``good_images`` or ``test_split``, and ``method`` in words) and, once ``destseg test`` has refined them, the
-good-image thresholds from training under ``good_images``.
+good-image thresholds from training under ``good_images``. Good-image thresholds state their guarantee:
+``n_images``, ``fpr_target`` and ``fpr_bound``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from destseg.checkpoint import atomic_write_text
-from destseg.data.datasets import TestDataset, TestSample
-from destseg.device import autocast, to_device
 
 
-def fpr_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what: str) -> dict:
-    """Thresholds from normal images only: the (1 - fpr) quantiles of their image scores and pixels."""
-    return {"image": float(np.quantile(scores, 1 - fpr)), "pixel": float(np.quantile(maps, 1 - fpr)),
-            "source": "good_images", "fpr": fpr, "n_images": int(len(scores)),
-            "method": f"(1 - {fpr}) quantile of the scores of {len(scores)} {what}"}
+def conformal_rank(n: int, fpr: float) -> int:
+    """k = ceil((n + 1)(1 - fpr)): the k-th smallest of n exchangeable good scores is exceeded by a new good
+    score with probability at most ``fpr`` (split conformal). May exceed n: then no order statistic does."""
+    return math.ceil((n + 1) * (1 - fpr) - 1e-9)  # the tolerance keeps (99 + 1) * 0.99 at 99, not 100
 
 
-@torch.no_grad()
-def score_good_images(model, paths: list[Path], size: int, mean, std, device, dtype,
-                      batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores, anomaly maps) of ``paths`` with ``model`` in eval mode."""
-    dataset = TestDataset([TestSample(p, 0, None, "good") for p in paths], size, mean, std)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
-    scores, maps = [], []
-    for batch in loader:
-        x = to_device(batch, device)["image"]
-        with autocast(device, dtype):
-            out = model(x)
-        scores.append(out["score"].float().cpu().numpy())
-        maps.append(out["map"].float().cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(scores), np.concatenate(maps)
+def fpr_bound(n: int, fpr: float) -> float:
+    """The false-positive rate the conformal threshold of n good scores guarantees: ``fpr`` where n is large
+    enough, else 1 / (n + 1), the bound of the largest score."""
+    return max(fpr, 1 / (n + 1))
+
+
+def images_needed(fpr: float) -> int:
+    """The fewest good images whose conformal threshold reaches ``fpr`` (k <= n)."""
+    return math.ceil((1 - fpr) / fpr - 1e-9)
+
+
+def conformal_threshold(scores: np.ndarray, fpr: float) -> float:
+    """The k-th smallest score (``conformal_rank``), or the largest when k > n."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    return float(s[min(conformal_rank(len(s), fpr), len(s)) - 1])
+
+
+def good_image_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what: str) -> dict:
+    """Thresholds from good images only, each with a stated guarantee for a new good image exchangeable
+    with them (a false-positive rate at most ``fpr_bound``):
+
+    - image: the conformal threshold of the image scores (the decision ``score >= image`` is wrong for a good
+      image with probability at most ``fpr_bound``);
+    - pixel: the conformal threshold of each image's largest map value, so that a new good image gets an
+      empty mask with probability at least 1 - ``fpr_bound`` (pixels within an image are not exchangeable,
+      so a quantile of pixels would guarantee nothing per image).
+
+    When the images are too few for ``fpr`` (``images_needed``) the largest value is used and a warning
+    names how many images the target needs."""
+    n = len(scores)
+    bound = fpr_bound(n, fpr)
+    peaks = np.asarray(maps, dtype=np.float32).reshape(n, -1).max(axis=1)
+    out = {"image": conformal_threshold(scores, fpr), "pixel": conformal_threshold(peaks, fpr),
+           "source": "good_images", "n_images": int(n), "fpr_target": fpr, "fpr_bound": bound,
+           "method": f"split conformal on the scores of {n} {what}: the {min(conformal_rank(n, fpr), n)}-th "
+                     f"smallest of {n} (k = ceil((n + 1)(1 - {fpr}))); pixel threshold: the same rule on each "
+                     "image's largest map value"}
+    if bound > fpr:
+        note = (f"{n} good images cannot set a {fpr:.3g} false-positive rate: the threshold is their largest "
+                f"score, which bounds the rate at {bound:.3g} (1/(n+1)); {images_needed(fpr)} good images are "
+                "needed for the target")
+        out["warning"] = note
+        warnings.warn(note, stacklevel=2)
+    return out
+
+
+def in_force(stored: dict | None, image: float | None = None, pixel: float | None = None):
+    """(image threshold, pixel threshold) to use: an explicit value wins over the run's stored one; without
+    a pixel threshold of its own, the image threshold stands in for it. Either may be None."""
+    stored = stored or {}
+    image = image if image is not None else stored.get("image")
+    pixel = pixel if pixel is not None else stored.get("pixel", image)
+    return image, pixel
 
 
 def write_thresholds(run_dir: Path, thresholds: dict) -> None:

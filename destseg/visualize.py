@@ -1,8 +1,12 @@
-"""Heat-map overlays without plotting libraries: a small colour map and alpha blending."""
+"""Heat-map overlays without plotting libraries: a small colour map, alpha blending, PNG encoding."""
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
+from PIL import Image
 
 # Control points of a perceptually ordered map (dark blue -> cyan -> yellow -> red), value -> RGB.
 _STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -41,3 +45,10 @@ def threshold_overlay(image: np.ndarray, anomaly_map: np.ndarray, pixel_thr: flo
 def threshold_mask(anomaly_map: np.ndarray, pixel_thr: float) -> np.ndarray:
     """The defect mask as a uint8 image: 255 where the map reaches the pixel threshold, else 0."""
     return (anomaly_map >= pixel_thr).astype(np.uint8) * 255
+
+
+def png_b64(arr: np.ndarray) -> str:
+    """An image array as a base64 PNG (for HTML pages and JSON answers)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

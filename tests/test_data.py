@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from destseg.cli import main
-from destseg.data import (
-    AnomalySynthesizer, StepSampler, TrainDataset, scan_folder, scan_mvtec, scan_visa, validate,
-)
-from destseg.data.images import read_mask, read_rgb, resize_mask
+from destseg.data import scan_folder, scan_mvtec, scan_visa, validate
+from destseg.data.synthesis import AnomalySynthesizer
+from destseg.data.training import StepSampler, TrainDataset
+from destseg.data.images import Normalize, read_mask, read_rgb, resize_mask
 from destseg.data.synthesis import GeneratedTextures, perlin_mask
 from destseg.errors import DatasetError, ImageError
 
@@ -68,7 +68,7 @@ def test_empty_train_folder(tiny_mvtec):
     index = validate(scan_mvtec(tiny_mvtec, "widget"))
     assert any("no images" in p for p in index.problems)
     with pytest.raises(DatasetError, match="empty"):
-        TrainDataset([], 64, (0.5,) * 3, (0.5,) * 3)
+        TrainDataset([], 64, Normalize((0.5,) * 3, (0.5,) * 3))
 
 
 def test_truncated_image_named(tiny_mvtec):
@@ -80,7 +80,7 @@ def test_truncated_image_named(tiny_mvtec):
     problems = validate(scan_mvtec(tiny_mvtec, "widget")).problems
     assert any("000.png" in p for p in problems)
     with pytest.raises(ImageError, match="000.png"):
-        TrainDataset(scan_mvtec(tiny_mvtec, "widget").train, 64, (0.5,) * 3, (0.5,) * 3)
+        TrainDataset(scan_mvtec(tiny_mvtec, "widget").train, 64, Normalize((0.5,) * 3, (0.5,) * 3))
 
 
 def test_non_image_file(tmp_path, tiny_mvtec):
@@ -254,7 +254,7 @@ def test_step_sampler_deterministic_and_resumable():
 
 def test_train_batches_identical_across_worker_counts(tiny_mvtec):
     index = scan_mvtec(tiny_mvtec, "widget")
-    ds = TrainDataset(index.train, 64, (0.5,) * 3, (0.5,) * 3, "rot90", AnomalySynthesizer(64))
+    ds = TrainDataset(index.train, 64, Normalize((0.5,) * 3, (0.5,) * 3), "rot90", AnomalySynthesizer(64))
 
     def batches(workers):
         loader = torch.utils.data.DataLoader(ds, batch_sampler=StepSampler(len(ds), 3, 0, 3), num_workers=workers)
@@ -266,7 +266,8 @@ def test_train_batches_identical_across_worker_counts(tiny_mvtec):
 
 def test_gray_anomalies_carry_no_colour_on_both_synthesis_paths():
     from destseg.data.device_synthesis import DeviceAugment, texture_bank
-    from destseg.data.synthesis import AnomalySynthesizer, is_grayscale, to_gray
+    from destseg.data.images import is_grayscale
+    from destseg.data.synthesis import AnomalySynthesizer, to_gray
 
     rng = np.random.default_rng(0)
     gray_img = np.repeat(rng.uniform(0, 1, (32, 32, 1)).astype(np.float32), 3, axis=2)
@@ -278,7 +279,7 @@ def test_gray_anomalies_carry_no_colour_on_both_synthesis_paths():
         assert (chroma < 1e-6) == gray, (gray, chroma)
     bank = texture_bank(32, None, generated=4, gray=True)
     assert torch.allclose(bank[:, 0], bank[:, 1]) and torch.allclose(bank[:, 1], bank[:, 2])
-    dev = DeviceAugment(32, (0, 0, 0), (1, 1, 1), "none", bank, "cpu")
+    dev = DeviceAugment(32, Normalize((0, 0, 0), (1, 1, 1)), "none", bank, "cpu")
     u8 = torch.from_numpy(np.round(gray_img * 255).astype(np.uint8)).expand(4, -1, -1, -1).contiguous()
     out = dev(u8, dev.generator(1))
     assert out["mask"].any() and torch.allclose(out["augmented"][:, 0], out["augmented"][:, 2], atol=1e-6)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from destseg.data.datasets import rotate_image
+from destseg.data.training import rotate_image
 from destseg.data.device_synthesis import DeviceAugment, texture_bank
+from destseg.data.images import Normalize
 from destseg.data.synthesis import AnomalySynthesizer
 
 SIZE, N = 64, 600
@@ -37,7 +38,7 @@ def test_mask_coverage_and_blend_factors_match_the_numpy_path(black_texture):
         cpu_betas.append(aug[mask].mean() if mask.any() else np.nan)
     cpu = stats(np.array(cpu_masks), np.array(cpu_betas))
 
-    dev = DeviceAugment(SIZE, (0, 0, 0), (1, 1, 1), "none", texture_bank(SIZE, black_texture), "cpu")
+    dev = DeviceAugment(SIZE, Normalize((0, 0, 0), (1, 1, 1)), "none", texture_bank(SIZE, black_texture), "cpu")
     masks, betas = [], []
     for chunk in range(N // 100):
         out = dev(torch.full((100, SIZE, SIZE, 3), 255, dtype=torch.uint8), dev.generator(0, chunk))
@@ -59,7 +60,7 @@ def test_mask_coverage_and_blend_factors_match_the_numpy_path(black_texture):
 def test_rotation_fill_matches_the_numpy_path():
     white = np.full((SIZE, SIZE, 3), 255, np.uint8)
     cpu_fill = np.mean([(rotate_image(white, "rot90", np.random.default_rng(i)) < 250).mean() for i in range(300)])
-    dev = DeviceAugment(SIZE, (0, 0, 0), (1, 1, 1), "rot90", None, "cpu")
+    dev = DeviceAugment(SIZE, Normalize((0, 0, 0), (1, 1, 1)), "rot90", None, "cpu")
     img = dev(torch.from_numpy(white).expand(300, -1, -1, -1).contiguous(), dev.generator(1))["image"]
     gpu_fill = float((img < 250 / 255).float().mean())
     assert abs(gpu_fill - cpu_fill) < 0.01, (cpu_fill, gpu_fill)
@@ -67,7 +68,7 @@ def test_rotation_fill_matches_the_numpy_path():
 
 
 def test_device_synthesis_is_deterministic_under_a_seed(black_texture):
-    dev = DeviceAugment((64, 96), (0.5,) * 3, (0.5,) * 3, "rot90", texture_bank((64, 96), None, generated=8), "cpu")
+    dev = DeviceAugment((64, 96), Normalize((0.5,) * 3, (0.5,) * 3), "rot90", texture_bank((64, 96), None, generated=8), "cpu")
     imgs = torch.randint(0, 255, (4, 64, 96, 3), dtype=torch.uint8)
     a, b, c = (dev(imgs, dev.generator(*s)) for s in ((0, 1, 5), (0, 1, 5), (0, 1, 6)))
     assert a["augmented"].shape == (4, 3, 64, 96) and a["mask"].shape == (4, 1, 64, 96)

@@ -61,7 +61,10 @@ def test_fpr_thresholds_without_defects(tmp_path):
     result = evaluate_run(run, progress=False, fpr=0.5)
     assert "metrics skipped" in result["note"]
     thr = json.loads((run / "thresholds.json").read_text())
-    assert thr["image"] == pytest.approx(np.quantile(result["_outputs"].scores, 0.5))
+    scores = np.sort(result["_outputs"].scores)  # split conformal: the ceil((n + 1)(1 - fpr))-th smallest
+    k = min(int(np.ceil((len(scores) + 1) * 0.5)), len(scores))
+    assert thr["image"] == pytest.approx(scores[k - 1]) and thr["n_images"] == len(scores) == 2
+    assert thr["fpr_target"] == 0.5 and thr["fpr_bound"] == 0.5
 
 
 def test_predict_folder_with_bad_files(tiny_run, tmp_path, capsys):

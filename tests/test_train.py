@@ -15,7 +15,8 @@ from destseg.cli import main
 from destseg.errors import CheckpointError, DestsegError
 from destseg.infer import Detector, evaluate_run
 from destseg.models import model_config
-from destseg.train import DataSource, TrainOptions, load_model, train
+from destseg.run import load_model
+from destseg.train import DataSource, TrainOptions, train
 
 TINY = dict(teacher="efficientnet_lite0", image_size=64, batch_size=4, steps=6, student_steps=3)
 
@@ -32,11 +33,12 @@ def tiny_train(run, data_root, resume=False, overwrite=False, precision="fp32", 
 def test_checkpoint_minutes_bound_the_work_a_kill_loses(tmp_path, tiny_mvtec, monkeypatch, minutes, expected):
     # --checkpoint-every 1000 never fires here: with --checkpoint-minutes 0 only the stage ends (3, 6) and
     # the final state are saved; with a tiny interval every step is too.
+    import destseg.loop as lp
     import destseg.train as tr
 
     saved = []
-    real_save = tr.save_checkpoint
-    monkeypatch.setattr(tr, "save_checkpoint", lambda path, payload: (saved.append(payload["step"]),
+    real_save = lp.save_checkpoint
+    monkeypatch.setattr(lp, "save_checkpoint", lambda path, payload: (saved.append(payload["step"]),
                                                                       real_save(path, payload)))
     train(tmp_path / "run", "destseg", model_config("destseg", **TINY), DataSource(str(tiny_mvtec), "widget"),
           options=TrainOptions(seed=1, precision="fp32", progress=False, checkpoint_every=1000,
@@ -213,7 +215,8 @@ def test_sigint_in_subprocess_leaves_resumable_checkpoint(tmp_path, tiny_mvtec):
 
 
 def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_path, tiny_mvtec):
-    from destseg.schedules import cpu_steps, parse_duration, schedule_overrides
+    from destseg.models.common import cpu_steps
+    from destseg.schedules import parse_duration, schedule_overrides
 
     assert cpu_steps(209) == (600, 300)  # MVTec bottle: the schedule measured in docs/RESULTS.md
     assert cpu_steps(54) == (300, 150) and cpu_steps(700) == (2010, 1005) and cpu_steps(10_000) == (2400, 1200)
@@ -229,5 +232,6 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
     train(run, "destseg", cfg, DataSource(str(tiny_mvtec), "widget"),
           options=TrainOptions(seed=1, precision="fp32", progress=False, time_budget_s=0.001))
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    assert ckpt["finished"] and ckpt["time_budget_cuts"] == {"student": 1, "segmentation": 1}
-    assert "stopped at 1 of 20 steps" in (run / "train.log").read_text()
+    assert ckpt["finished"]
+    assert [(s["name"], s["trained"], s["planned"]) for s in ckpt["stages"]] == [("student", 1, 20), ("segmentation", 1, 20)]
+    assert "stopped after 1 of 20 steps" in (run / "train.log").read_text()

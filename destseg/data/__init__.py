@@ -1,14 +1,13 @@
-"""Datasets, image I/O and anomaly synthesis."""
+"""Datasets and images: layouts and the test dataset (``datasets``), image I/O (``images``); training data
+(``training``) and anomaly synthesis (``synthesis``, ``device_synthesis``) are imported where training needs them."""
 
 from destseg.data.datasets import (
-    DataSource, DatasetIndex, StepSampler, TestDataset, TestSample, TrainDataset, default_rotation, scan_dataset,
-    scan_folder, scan_mvtec, scan_visa, validate,
+    DataSource, DatasetIndex, TestDataset, TestSample, default_rotation, scan_dataset, scan_folder, scan_mvtec,
+    scan_visa, validate,
 )
 from destseg.data.images import read_mask, read_rgb
-from destseg.data.synthesis import AnomalySynthesizer, perlin_mask, perlin_noise
 
 __all__ = [
-    "AnomalySynthesizer", "DataSource", "DatasetIndex", "StepSampler", "TestDataset", "TestSample", "TrainDataset",
-    "default_rotation", "perlin_mask", "perlin_noise", "read_mask", "read_rgb", "scan_dataset",
-    "scan_folder", "scan_mvtec", "scan_visa", "validate",
+    "DataSource", "DatasetIndex", "TestDataset", "TestSample", "default_rotation", "read_mask", "read_rgb",
+    "scan_dataset", "scan_folder", "scan_mvtec", "scan_visa", "validate",
 ]

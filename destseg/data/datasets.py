@@ -1,14 +1,13 @@
-"""Dataset layouts (MVTec AD, MPDD, VisA, plain folders) and the torch datasets built on them.
+"""Dataset layouts (MVTec AD, MPDD, VisA, plain folders) and the test dataset built on them.
 
 A layout is scanned into a :class:`DatasetIndex` (lists of files, no pixels read); ``validate`` opens
-every file and reports problems; the torch datasets load pixels, cache the resized images in memory and,
-for training, apply the SPEC's geometric augmentation and anomaly synthesis.
+every file and reports problems; :class:`TestDataset` loads images and masks lazily. The training datasets
+(augmentation, synthesis, the step sampler) are in :mod:`destseg.data.training`.
 """
 
 from __future__ import annotations
 
 import csv
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import torch
 from PIL import Image
 
 from destseg.data.images import (
-    IMAGE_EXTENSIONS, hw, is_image_file, list_images, read_mask, read_rgb, resize_mask, resize_rgb,
+    IMAGE_EXTENSIONS, Normalize, hw, is_grayscale, is_image_file, list_images, read_mask, read_rgb, resize_mask,
+    resize_rgb,
 )
-from destseg.data.synthesis import AnomalySynthesizer, is_grayscale
 from destseg.errors import DatasetError, ImageError
 
 # SPEC: per-category train-time rotation applied to the clean image before synthesis.
@@ -28,8 +27,6 @@ CATEGORY_ROTATION = {
     **dict.fromkeys(["wood", "zipper", "cable"], "small"),
     **dict.fromkeys(["bottle", "grid", "hazelnut", "leather", "tile", "carpet", "screw"], "rot90"),
 }
-ROTATIONS = ("none", "small", "rot90")
-ROTATION_FILL = (114, 114, 114)
 
 
 def default_rotation(category: str) -> str:
@@ -252,21 +249,6 @@ class DataSource:
 
 # ------------------------------------------------------------------------------------------ torch datasets
 
-def _normalize(img01: np.ndarray, mean, std) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(img01.transpose(2, 0, 1)))
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (t - mean_t) / std_t
-
-
-def load_resized(paths: list[Path], size) -> np.ndarray:
-    """(N, H, W, 3) uint8; raises ImageError naming the first bad file."""
-    out = np.empty((len(paths), *hw(size), 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        out[i] = resize_rgb(read_rgb(p), size)
-    return out
-
-
 def shape_note(paths: list[Path], size) -> tuple[str, str | None]:
     """(the training images' typical size, a note when their aspect ratio is far from the model input's):
     images are resized without a crop, so a 2:1 frame into a square input is squashed 2x in width. Reads
@@ -302,61 +284,11 @@ def train_color(gray_flags: list[bool]) -> str:
     return "colour"
 
 
-def rotate_image(img: np.ndarray, rotation: str, rng: np.random.Generator) -> np.ndarray:
-    if rotation == "none":
-        return img
-    angle = float(rng.uniform(-5, 5))
-    if rotation == "rot90":
-        angle += 90.0 * int(rng.integers(0, 4))
-    pil = Image.fromarray(img).rotate(angle, resample=Image.BILINEAR, fillcolor=ROTATION_FILL)
-    return np.asarray(pil)
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Normal training images with per-sample seeded augmentation and anomaly synthesis.
-
-    Items are addressed by ``(index, sample_seed)`` pairs produced by :class:`StepSampler`; the seed alone
-    decides the rotation and the synthetic anomaly, so batches are identical for any number of workers and
-    after a resume.
-    """
-
-    def __init__(self, paths: list[Path], size, mean, std, rotation: str = "none",
-                 synthesizer: AnomalySynthesizer | None = None, images: np.ndarray | None = None,
-                 raw: bool = False):
-        """``raw``: items are the cached uint8 images alone, for :class:`DeviceAugment`."""
-        if not paths:
-            raise DatasetError("training set is empty: no images found")
-        if rotation not in ROTATIONS:
-            raise DatasetError(f"unknown rotation '{rotation}' (expected one of {ROTATIONS})")
-        self.paths = list(paths)
-        self.images = load_resized(self.paths, size) if images is None else images
-        self.size, self.mean, self.std = size, mean, std
-        self.rotation = rotation
-        self.synthesizer = synthesizer
-        self.raw = raw
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item):
-        index, sample_seed = item
-        if self.raw:  # augmentation and synthesis happen batched on the training device (DeviceAugment)
-            return {"raw": torch.from_numpy(self.images[index])}
-        rng = np.random.default_rng(sample_seed)
-        img = rotate_image(self.images[index], self.rotation, rng).astype(np.float32) / 255.0
-        out = {"image": _normalize(img, self.mean, self.std)}
-        if self.synthesizer is not None:
-            aug, mask = self.synthesizer(img, rng)
-            out["augmented"] = _normalize(aug, self.mean, self.std)
-            out["mask"] = torch.from_numpy(mask[None].astype(np.float32))
-        return out
-
-
 class TestDataset(torch.utils.data.Dataset):
     """Test images with labels and ground-truth masks at ``size`` (SPEC rule), loaded lazily."""
 
-    def __init__(self, samples: list[TestSample], size: int, mean, std):
-        self.samples, self.size, self.mean, self.std = list(samples), size, mean, std
+    def __init__(self, samples: list[TestSample], size, normalize: Normalize):
+        self.samples, self.size, self.normalize = list(samples), size, normalize
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -368,45 +300,7 @@ class TestDataset(torch.utils.data.Dataset):
             mask = resize_mask(read_mask(s.mask), self.size)
         else:
             mask = np.zeros(hw(self.size), dtype=bool)
-        return {"image": _normalize(img, self.mean, self.std), "mask": torch.from_numpy(mask),
+        return {"image": self.normalize.hwc(img), "mask": torch.from_numpy(mask),
                 "label": s.label, "index": i}
 
 
-class StepSampler(torch.utils.data.Sampler):
-    """Yields batches of ``(index, sample_seed)`` for steps ``start_step .. total_steps-1``.
-
-    Sample position ``p = step * batch_size + j`` walks through one seeded permutation of the data per
-    epoch; its seed is derived from ``(seed, stream, p)`` (one stream per training stage). With ``world_size > 1`` each rank takes its slice of every
-    global batch, so the global batch is the same as in a single-process run.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1, stream: int = 0):
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
-        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
-        self.total_steps, self.start_step = total_steps, start_step
-        self.rank, self.world_size = rank, world_size
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _index(self, p: int) -> int:
-        epoch = p // self.n
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)}
-        return int(self._perms[epoch][p % self.n])
-
-    def __iter__(self):
-        local = self.batch_size // self.world_size
-        for step in range(self.start_step, self.total_steps):
-            first = step * self.batch_size + self.rank * local
-            yield [(self._index(p), (self.seed, self.stream, p)) for p in range(first, first + local)]
-
-    def __len__(self) -> int:
-        return max(0, self.total_steps - self.start_step)
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed the libraries' global RNGs in each DataLoader worker (our own code uses per-sample seeds)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from destseg.data.images import hw
-from destseg.data.synthesis import GeneratedTextures, TextureFolder, to_gray
+from destseg.data.images import Normalize
+from destseg.data.synthesis import GeneratedTextures, TextureFolder, gradient_noise, to_gray
 
 LATTICE = 33  # gradient lattice points per axis: the finest Perlin scale is 2^5 = 32 cells
 FILL = 114 / 255
@@ -72,29 +73,22 @@ def perlin_batch(n: int, size, g: torch.Generator, device) -> torch.Tensor:
     fy, fx = gy - cy, gx - cx
     cy, cx = cy.long(), cx.long()
 
-    def corner(oy, ox):
+    def corner_gradients(oy, ox):
         idx = ((cy + oy) * LATTICE + (cx + ox)).reshape(n, -1)
         a = torch.gather(angles, 1, idx).reshape(n, h, w)
-        return torch.sin(a) * (fy - oy) + torch.cos(a) * (fx - ox)
+        return torch.sin(a), torch.cos(a)
 
-    def fade(t):
-        return ((6 * t - 15) * t + 10) * t * t * t
-
-    uy, ux = fade(fy), fade(fx)
-    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
-    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
-    return math.sqrt(2) * (top * (1 - uy) + bottom * uy)
+    return gradient_noise(corner_gradients, fy, fx)
 
 
 class DeviceAugment:
     """Turns a batch of clean uint8 images (N, H, W, 3) into the training batch on ``device``:
     normalised ``image``, and with synthesis ``augmented`` and ``mask`` (N, 1, H, W)."""
 
-    def __init__(self, size, mean, std, rotation: str, textures: torch.Tensor | None, device,
+    def __init__(self, size, normalize: Normalize, rotation: str, textures: torch.Tensor | None, device,
                  max_beta: float = 0.8):
         self.size, self.rotation, self.max_beta, self.device = size, rotation, max_beta, torch.device(device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.normalize = normalize
         self.textures = None if textures is None else textures.to(self.device)
 
     def generator(self, *seed_parts: int) -> torch.Generator:
@@ -111,7 +105,7 @@ class DeviceAugment:
             if self.rotation == "rot90":
                 angle = angle + 90.0 * torch.randint(0, 4, (n,), generator=g, device=self.device)
             x = _rotate(x, angle, FILL)
-        out = {"image": (x - self.mean) / self.std}
+        out = {"image": self.normalize(x)}
         if self.textures is not None:
             noise = perlin_batch(n, self.size, g, self.device)[:, None]
             noise = _rotate(noise, _uniform(n, -90.0, 90.0, g, self.device), 0.0)
@@ -119,7 +113,7 @@ class DeviceAugment:
             source = self.textures[torch.randint(0, len(self.textures), (n,), generator=g, device=self.device)]
             beta = _uniform(n, 0.0, self.max_beta, g, self.device).view(n, 1, 1, 1)
             aug = x * (1 - mask) + (1 - beta) * source * mask + beta * x * mask
-            out.update(augmented=(aug - self.mean) / self.std, mask=mask, beta=beta.view(n))
+            out.update(augmented=self.normalize(aug), mask=mask, beta=beta.view(n))
         for k in ("image", "augmented"):
             if k in out:
                 out[k] = out[k].contiguous(memory_format=torch.channels_last)

@@ -1,4 +1,4 @@
-"""Reading images and masks with clear errors.
+"""Reading images and masks with clear errors, resizing them, and normalising them for a teacher.
 
 Every decoding failure becomes an :class:`ImageError` naming the file. Conversions (documented in the
 README): grayscale, palette, RGBA/LA (alpha dropped, not composited), CMYK and 16-bit images are
@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from destseg.errors import ImageError
@@ -130,6 +132,18 @@ def read_mask(path: Path | str) -> np.ndarray:
     return arr > 0
 
 
+GRAY_TOLERANCE = 2  # grey levels: a monochrome frame that went through a colour pipeline keeps this much
+
+
+def is_grayscale(images_u8: np.ndarray, tolerance: int = GRAY_TOLERANCE) -> bool:
+    """True when, in every image of an (N, H, W, 3) uint8 stack, each pixel's three channels lie within
+    ``tolerance`` levels of each other (a grayscale camera)."""
+    def gray(img):
+        c = img.astype(np.int16)
+        return int((c.max(axis=-1) - c.min(axis=-1)).max()) <= tolerance  # the largest difference between two channels
+    return bool(len(images_u8)) and all(gray(img) for img in images_u8)
+
+
 def hw(size) -> tuple[int, int]:
     """An image size as (height, width): one number is a square, a pair is (height, width)."""
     if isinstance(size, (int, np.integer)):
@@ -161,3 +175,25 @@ def resize_map(anomaly_map: np.ndarray, size) -> np.ndarray:
     if anomaly_map.shape == (h, w):
         return anomaly_map
     return np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """A teacher's input normalisation, ``(x - mean) / std`` per channel, for float tensors (..., 3, H, W)
+    with values in [0, 1]: the one place it is computed (datasets, device synthesis, the Detector)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        return (x - mean) / std
+
+    def hwc(self, img01: np.ndarray) -> torch.Tensor:
+        """A float (H, W, 3) image in [0, 1] -> normalised (3, H, W) tensor."""
+        return self(torch.from_numpy(np.ascontiguousarray(img01.transpose(2, 0, 1))))
+
+    def uint8(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> normalised (N, 3, H, W) float tensor."""
+        return self(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)

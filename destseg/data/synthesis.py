@@ -6,6 +6,7 @@ seed.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,26 @@ from PIL import Image
 
 from destseg.data.images import hw, list_images, read_rgb, resize_rgb
 from destseg.errors import DatasetError
+
+
+def fade(t):
+    """Perlin's fade curve 6t^5 - 15t^4 + 10t^3."""
+    return ((6 * t - 15) * t + 10) * t * t * t
+
+
+def gradient_noise(corner_gradients, fy, fx):
+    """Perlin's gradient noise from the lattice gradients at the four corners of each point's cell:
+    ``corner_gradients(oy, ox)`` gives the (y, x) gradient components at corner (oy, ox) in {0, 1}^2, ``fy,
+    fx`` the point's position inside its cell. Arithmetic only, so the same function serves NumPy arrays
+    (per-sample synthesis) and torch tensors (batched on the training device)."""
+    def corner(oy, ox):
+        grad_y, grad_x = corner_gradients(oy, ox)
+        return grad_y * (fy - oy) + grad_x * (fx - ox)
+
+    uy, ux = fade(fy), fade(fx)
+    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
+    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
+    return math.sqrt(2) * (top * (1 - uy) + bottom * uy)
 
 
 def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -23,20 +44,9 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     dy, dx = -(-h // ry), -(-w // rx)
     gy, gx = np.meshgrid(np.arange(ry * dy) / dy, np.arange(rx * dx) / dx, indexing="ij")
     cy, cx = gy.astype(np.int64), gx.astype(np.int64)
-    fy, fx = gy - cy, gx - cx
     angles = rng.uniform(0, 2 * np.pi, size=(ry + 1, rx + 1))
     grad_y, grad_x = np.sin(angles), np.cos(angles)
-
-    def corner(oy, ox):
-        return grad_y[cy + oy, cx + ox] * (fy - oy) + grad_x[cy + oy, cx + ox] * (fx - ox)
-
-    def fade(t):
-        return ((6 * t - 15) * t + 10) * t * t * t
-
-    uy, ux = fade(fy), fade(fx)
-    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
-    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
-    noise = np.sqrt(2) * (top * (1 - uy) + bottom * uy)
+    noise = gradient_noise(lambda oy, ox: (grad_y[cy + oy, cx + ox], grad_x[cy + oy, cx + ox]), gy - cy, gx - cx)
     return noise[:h, :w].astype(np.float32)
 
 
@@ -53,18 +63,6 @@ def perlin_mask(size, rng: np.random.Generator, threshold: float = 0.5) -> np.nd
 # ----------------------------------------------------------------------------------- anomaly sources
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
-
-
-GRAY_TOLERANCE = 2  # grey levels: a monochrome frame that went through a colour pipeline keeps this much
-
-
-def is_grayscale(images_u8: np.ndarray, tolerance: int = GRAY_TOLERANCE) -> bool:
-    """True when, in every image of an (N, H, W, 3) uint8 stack, each pixel's three channels lie within
-    ``tolerance`` levels of each other (a grayscale camera)."""
-    def gray(img):
-        c = img.astype(np.int16)
-        return int((c.max(axis=-1) - c.min(axis=-1)).max()) <= tolerance  # the largest difference between two channels
-    return bool(len(images_u8)) and all(gray(img) for img in images_u8)
 
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:

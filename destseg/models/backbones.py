@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from destseg.checkpoint import file_digest
+from destseg.data.images import Normalize
 from destseg.errors import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,18 +75,20 @@ class ResNet18(nn.Module):
     channels = (64, 128, 256)
     features_only = False
 
-    def __init__(self, num_classes: int = 1000, zero_init_residual: bool = False):
+    def __init__(self, num_classes: int = 1000, zero_init_residual: bool = False, width: int = 64):
+        """``width``: channels of the first stage (torchvision's 64; the later stages double it)."""
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = make_layer(64, 64)
-        self.layer2 = make_layer(64, 128, stride=2)
-        self.layer3 = make_layer(128, 256, stride=2)
-        self.layer4 = make_layer(256, 512, stride=2)
+        self.layer1 = make_layer(w, w)
+        self.layer2 = make_layer(w, 2 * w, stride=2)
+        self.layer3 = make_layer(2 * w, 4 * w, stride=2)
+        self.layer4 = make_layer(4 * w, 8 * w, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(8 * w, num_classes)
         kaiming_init(self)
         if zero_init_residual:  # each block starts as the identity (torchvision's option)
             for m in self.modules():
@@ -278,6 +281,10 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channels: tuple[int, int, int]
+
+    @property
+    def normalize(self) -> Normalize:
+        return Normalize(self.mean, self.std)
 
 
 BACKBONES = {

@@ -1,15 +1,18 @@
-"""Pieces shared by the segmentation-guided models (DeSTSeg and TESD): feature normalisation, losses,
-the segmentation network, the two-stage schedule and the inference outputs."""
+"""Pieces shared by the segmentation-guided models (DeSTSeg and TESD): their config fields, feature
+normalisation, losses, the segmentation network, the two-stage schedule, the cpu schedule and the inference
+outputs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from destseg.models.backbones import Teacher, kaiming_init, make_layer
+from destseg.models.base import AnomalyModel, ModelConfig, Stage, option
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,11 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float =
         ce = -(y * log_p + (1 - y) * log_q)
         # 1 - p_t = (1 - p) for positives, p for negatives; for binary targets this is also |p - y|.
         miss = y * torch.exp(log_q) + (1 - y) * torch.exp(log_p)
-        return (ce * miss**gamma).mean() + miss.mean()
+        if 0 < gamma < 1:  # miss**gamma has an infinite slope at miss = 0 (0 * inf = NaN): from the logs
+            focal = torch.exp(gamma * (y * log_q + (1 - y) * log_p))
+        else:
+            focal = miss**gamma
+        return (ce * focal).mean() + miss.mean()
 
 
 def segmentation_target(mask: torch.Tensor, size) -> torch.Tensor:
@@ -156,14 +163,14 @@ class SegmentationNet(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Four stages of two BasicBlocks: 512->512 at the input scale, then to c3, c2, c1 with bilinear
+    """Four stages of two BasicBlocks: cin->cin (512) at the input scale, then to c3, c2, c1 with bilinear
     upsampling to the teacher's resolutions in between. No skip connections."""
 
     def __init__(self, channels: tuple[int, int, int], cin: int = 512):
         super().__init__()
         c1, c2, c3 = channels
-        self.layer4 = make_layer(cin, 512, 2)
-        self.layer3 = make_layer(512, c3, 2)
+        self.layer4 = make_layer(cin, cin, 2)
+        self.layer3 = make_layer(cin, c3, 2)
         self.layer2 = make_layer(c3, c2, 2)
         self.layer1 = make_layer(c2, c1, 2)
         kaiming_init(self)
@@ -175,31 +182,71 @@ class Decoder(nn.Module):
         return [b1, b2, b3]
 
 
+def _positive(v) -> bool:
+    return v > 0 and v == v
+
+
 @dataclass
-class Stage:
-    """One phase of training: which parameters learn, at what rates, for how many steps."""
+class SegmentationGuidedConfig(ModelConfig):
+    """The fields DeSTSeg and TESD share; SPEC "DeSTSeg model" values as defaults."""
 
-    name: str
-    steps: int
-    param_groups: list[dict]
-    train_modules: list[nn.Module]
-    needs_synthesis: bool = True
-    extra: dict = field(default_factory=dict)
+    steps: int = option(5000, "total steps, both stages (checked against --student-steps)")
+    student_steps: int = option(1000, "steps of stage 1 (the student)", lambda v: v >= 1, "at least 1")
+    lr_student: float = option(0.4, "stage-1 learning rate", _positive, "positive", flag=None)
+    lr_res: float = option(0.1, "stage-2 learning rate of the residual blocks", _positive, "positive", flag=None)
+    lr_head: float = option(0.01, "stage-2 learning rate of the ASPP and head", _positive, "positive", flag=None)
+    focal_gamma: float = option(4.0, "focal loss gamma", lambda v: v >= 0, "0 or more", flag=None)
+    top_k: int = option(100, "image score: mean of the top-k map values", lambda v: v >= 1, "at least 1", flag=None)
+    seg_width: int = option(256, "channels of the segmentation network (default 256 as the paper; 128 and 64 "
+                                 "are 3x and 8x cheaper, docs/RESULTS.md)", lambda v: v >= 8, "at least 8")
+    denoising: bool = option(True, "ablation: student sees clean images", flag="--no-denoising", const=False)
 
-    def freeze_others(self, model: nn.Module) -> None:
-        """Only this stage's parameters take gradients."""
-        trainable = {id(p) for g in self.param_groups for p in g["params"]}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable)
+    @property
+    def has_segmentation(self) -> bool:
+        return True
 
-    def train_mode(self, model: nn.Module) -> None:
-        """Training mode for the modules this stage trains, eval mode (fixed BatchNorm statistics) elsewhere."""
-        model.eval()
-        for m in self.train_modules:
-            m.train()
+    def check(self, explicit=frozenset()):
+        if not self.has_segmentation:  # one stage: the student trains for --student-steps, no more
+            if "steps" in explicit and self.steps != self.student_steps:
+                raise ValueError(f"--steps {self.steps} does not apply without a segmentation network: only "
+                                 f"the student trains, for --student-steps ({self.student_steps})")
+            return dataclasses.replace(self, steps=self.student_steps)
+        if self.steps <= self.student_steps:
+            raise ValueError(f"--steps must be larger than --student-steps ({self.student_steps}): the "
+                             f"segmentation network trains for steps - student_steps (got {self.steps})")
+        return self
 
 
-class SegmentationGuidedModel(nn.Module):
+# cpu schedule: batch 16 and a number of epochs of each stage that follows the training set, clamped to keep
+# a run between ~8 and ~60 minutes on a 2-core CPU. On MVTec bottle (209 images) it is 600 + 300 steps.
+CPU_BATCH = 16
+CPU_STUDENT_EPOCHS = 600 * CPU_BATCH / 209
+CPU_SEGMENTATION_EPOCHS = 300 * CPU_BATCH / 209
+CPU_STUDENT_STEPS = (300, 2400)
+CPU_SEGMENTATION_STEPS = (150, 1200)
+
+
+def _clamp(value: float, bounds: tuple[int, int]) -> int:
+    return int(min(max(round(value), bounds[0]), bounds[1]))
+
+
+def cpu_steps(n_train: int) -> tuple[int, int]:
+    """(student steps, segmentation steps) of the cpu schedule for ``n_train`` training images."""
+    student = _clamp(CPU_STUDENT_EPOCHS * n_train / CPU_BATCH, CPU_STUDENT_STEPS)
+    segmentation = _clamp(CPU_SEGMENTATION_EPOCHS * n_train / CPU_BATCH, CPU_SEGMENTATION_STEPS)
+    return student, segmentation
+
+
+def cpu_schedule(n_train: int) -> tuple[dict, str]:
+    """The cpu schedule of a two-stage model: batch 16 and the data-following step counts."""
+    student, segmentation = cpu_steps(n_train)
+    return ({"batch_size": CPU_BATCH, "student_steps": student, "steps": student + segmentation},
+            f"cpu schedule: batch 16, {student} student + {segmentation} segmentation steps for "
+            f"{n_train} training images ({CPU_STUDENT_EPOCHS:.1f} + {CPU_SEGMENTATION_EPOCHS:.1f} epochs, "
+            f"clamped to {CPU_STUDENT_STEPS} and {CPU_SEGMENTATION_STEPS})")
+
+
+class SegmentationGuidedModel(AnomalyModel):
     """Teacher + denoising student + segmentation network, trained in two stages (SPEC "DeSTSeg").
 
     Subclasses define ``student`` (how student features are computed) and may override
@@ -211,10 +258,7 @@ class SegmentationGuidedModel(nn.Module):
     teacher: Teacher
     segmentation: SegmentationNet | None
     student_reads_teacher = False  # True when the student decodes the teacher's features (TESD)
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
+    schedules = {"cpu": cpu_schedule}
 
     # -- subclass hooks
     def student_features(self, x: torch.Tensor, teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -231,16 +275,18 @@ class SegmentationGuidedModel(nn.Module):
     def stages(self, n_train: int) -> list[Stage]:
         c = self.config
         # The cosine loss sums over the batch: under DDP the trainer scales it by the world size so that
-        # the averaged gradient equals the single-process one (extra["batch_sum"]).
+        # the averaged gradient equals the single-process one.
         stages = [Stage("student", c.student_steps, [{"params": list(self.student_module().parameters()),
                                                       "lr": c.lr_student}], [self.student_module()],
-                        extra={"batch_sum": True})]
+                        sums_batch=True)]
         if self.segmentation is not None and c.steps > c.student_steps:
+            # min_batch 2: the ASPP's global-pool branch normalises one value per channel and image, which
+            # BatchNorm refuses for a single image.
             stages.append(Stage("segmentation", c.steps - c.student_steps, [
                 {"params": list(self.segmentation.res.parameters()), "lr": c.lr_res},
                 {"params": list(self.segmentation.head.parameters()) + self.extra_segmentation_parameters(),
                  "lr": c.lr_head},
-            ], [self.segmentation] + self.extra_segmentation_modules()))
+            ], [self.segmentation] + self.extra_segmentation_modules(), min_batch=2))
         return stages
 
     def extra_segmentation_parameters(self) -> list[nn.Parameter]:
@@ -267,6 +313,15 @@ class SegmentationGuidedModel(nn.Module):
         return segmentation_loss(logits, target, self.config.focal_gamma)
 
     # -- inference
+    @property
+    def map_outputs(self) -> dict[str, tuple[str, str]]:
+        """The anomaly map, and beside it the DeST product map (evaluated as ``dest_*``) when the
+        segmentation network makes the anomaly map."""
+        maps = {"": ("map", "score")}
+        if self.segmentation is not None:
+            maps["dest_"] = ("dest_map", "dest_score")
+        return maps
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images (N, 3, H, W) -> anomaly ``map`` (N, H, W), ``score`` (N,), and the DeST
         product map ``dest_map`` / ``dest_score``."""

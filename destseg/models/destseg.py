@@ -13,50 +13,52 @@ import torch
 from torch import nn
 
 from destseg.models.backbones import ResNet18, Teacher, build_backbone
-from destseg.models.common import Decoder, SegmentationGuidedModel, SegmentationNet
+from destseg.models.base import option, register_model
+from destseg.models.common import Decoder, SegmentationGuidedConfig, SegmentationGuidedModel, SegmentationNet
 
 
 @dataclass
-class DeSTSegConfig:
-    """Paper values (SPEC "DeSTSeg model") as defaults."""
+class DeSTSegConfig(SegmentationGuidedConfig):
+    """Paper values (SPEC "DeSTSeg model") as defaults, with the Table 4 ablations (denoising input,
+    encoder-decoder student, segmentation network)."""
 
-    teacher: str = "resnet18"
-    image_size: int | tuple[int, int] = 256  # S (square) or (height, width)
-    batch_size: int = 32
-    steps: int = 5000  # total, both stages
-    student_steps: int = 1000
-    lr_student: float = 0.4
-    lr_res: float = 0.1
-    lr_head: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    focal_gamma: float = 4.0
-    top_k: int = 100
-    seg_width: int = 256  # channels of the segmentation network (paper: 256; 128 is ~3x cheaper, see RESULTS)
-    # Table 4 ablations: denoising input, encoder-decoder student, segmentation network.
-    denoising: bool = True
-    student_arch: str = "encoder_decoder"  # or "identical": the teacher's architecture, random init
-    segmentation: bool = True
+    student_width: int = option(64, "channels of the student encoder's first stage (default 64, ResNet18's; "
+                                    "the later stages double it)", lambda v: v >= 8, "at least 8")
+    student_arch: str = option("encoder_decoder", "ablation: student = teacher architecture",
+                               lambda v: v in ("encoder_decoder", "identical"), "encoder_decoder or identical",
+                               flag="--identical-student", const="identical")
+    segmentation: bool = option(True, "ablation: DeST product map, no seg. network", flag="--no-segmentation",
+                                const=False)
+
+    @property
+    def has_segmentation(self) -> bool:
+        return self.segmentation
 
 
 class DeSTSegStudent(nn.Module):
-    def __init__(self, channels: tuple[int, int, int]):
+    def __init__(self, channels: tuple[int, int, int], width: int = 64):
         super().__init__()
-        self.encoder = ResNet18(zero_init_residual=True)
+        self.encoder = ResNet18(zero_init_residual=True, width=width)
         del self.encoder.avgpool, self.encoder.fc
-        self.decoder = Decoder(channels)
+        self.decoder = Decoder(channels, cin=8 * width)
 
     def forward(self, x, sizes) -> list[torch.Tensor]:
         return self.decoder(self.encoder.layer4(self.encoder.features(x)[-1]), sizes)
 
 
+@register_model
 class DeSTSeg(SegmentationGuidedModel):
+    name = "destseg"
+    Config = DeSTSegConfig
+    published = {"source": "DeSTSeg paper, ResNet18, MVTec mean", "i_auroc": 0.986, "p_auroc": 0.979,
+                 "p_ap": 0.758, "iap": 0.764}
+
     def __init__(self, config: DeSTSegConfig, teacher_weights=None, pretrained: bool = True):
         super().__init__(config)
         self.teacher = Teacher(config.teacher, teacher_weights, pretrained)
         channels = self.teacher.channels
         if config.student_arch == "encoder_decoder":
-            self.student = DeSTSegStudent(channels)
+            self.student = DeSTSegStudent(channels, config.student_width)
         elif config.student_arch == "identical":
             self.student = build_backbone(config.teacher, pretrained=False, features_only=True)
         else:

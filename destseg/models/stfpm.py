@@ -10,29 +10,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from destseg.models.backbones import Teacher, build_backbone
-from destseg.models.common import Stage, l2_normalize, resize
+from destseg.models.base import AnomalyModel, ModelConfig, Stage, option, register_model
+from destseg.models.common import l2_normalize, resize
 
 
 @dataclass
-class STFPMConfig:
+class STFPMConfig(ModelConfig):
     """SPEC "STFPM baseline" values as defaults."""
 
-    teacher: str = "resnet18"
-    image_size: int | tuple[int, int] = 256  # S (square) or (height, width)
-    batch_size: int = 32
-    epochs: int = 100
-    lr: float = 0.4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    val_split: float = 0.2  # held-out share of the train normals for checkpoint selection
+    epochs: int = option(100, "training epochs", lambda v: v >= 1, "at least 1")
+    lr: float = option(0.4, "learning rate", lambda v: v > 0 and v == v, "positive")
+    val_split: float = option(0.2, "held-out share of the train images for checkpoint selection (0: keep the "
+                                    "last weights)", lambda v: 0 <= v < 1, "in [0, 1)")
     # "mean": the official loss, averaged over the batch; "sum": anomalib's, 0.5 x summed over the batch
     # (B/2 times larger updates at the same learning rate).
-    batch_reduction: str = "mean"
-    # The category's SPEC rotation augmentation; neither the official code nor anomalib augments STFPM.
-    category_rotation: bool = False
+    batch_reduction: str = option("mean", "loss over the batch: mean (official code) or 0.5 x sum (anomalib)",
+                                  lambda v: v in ("mean", "sum"), "mean or sum", choices=["mean", "sum"])
+    # Neither the official code nor anomalib augments STFPM.
+    category_rotation: bool = option(False, "train with the category's SPEC rotation augmentation", flag=None)
+
+    @property
+    def validation_share(self) -> float:
+        return self.val_split
+
+
+def cpu_schedule(n_train: int) -> tuple[dict, str]:
+    return {"batch_size": 16}, "cpu schedule: batch 16, the paper's 100 epochs"
 
 
 def feature_distances(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -40,12 +45,15 @@ def feature_distances(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[torc
     return [((l2_normalize(tk) - l2_normalize(sk)) ** 2).sum(dim=1) for tk, sk in zip(t, s)]
 
 
-class STFPM(nn.Module):
+@register_model
+class STFPM(AnomalyModel):
+    name = "stfpm"
+    Config = STFPMConfig
+    published = {"source": "STFPM official code, ResNet18, MVTec mean", "i_auroc": 0.955, "p_auroc": 0.970}
+    schedules = {"cpu": cpu_schedule}
+
     def __init__(self, config: STFPMConfig, teacher_weights=None, pretrained: bool = True):
-        super().__init__()
-        if config.batch_reduction not in ("mean", "sum"):
-            raise ValueError(f"batch_reduction must be 'mean' or 'sum', not {config.batch_reduction!r}")
-        self.config = config
+        super().__init__(config)
         self.teacher = Teacher(config.teacher, teacher_weights, pretrained)
         self.student = build_backbone(config.teacher, pretrained=False, features_only=True)
 
@@ -54,8 +62,7 @@ class STFPM(nn.Module):
         steps_per_epoch = -(-n_train // c.batch_size)
         return [Stage("student", c.epochs * steps_per_epoch, [{"params": list(self.student.parameters()),
                                                                "lr": c.lr}], [self.student],
-                      needs_synthesis=False, extra={"validate_every": steps_per_epoch,
-                                                    "batch_sum": c.batch_reduction == "sum"})]
+                      needs_synthesis=False, validate_every=steps_per_epoch, sums_batch=c.batch_reduction == "sum")]
 
     def training_loss(self, stage: str, batch: dict) -> torch.Tensor:
         image = batch["image"]

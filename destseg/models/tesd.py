@@ -16,30 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from destseg.models.backbones import BasicBlock, Teacher, kaiming_init
+from destseg.models.base import option, register_model
 from destseg.models.common import (
-    Decoder, SegmentationGuidedModel, SegmentationNet, cat_channels, cosine_distance_maps, resize,
+    Decoder, SegmentationGuidedConfig, SegmentationGuidedModel, SegmentationNet, cat_channels,
+    cosine_distance_maps, resize,
 )
 
 
 @dataclass
-class TESDConfig:
+class TESDConfig(SegmentationGuidedConfig):
     """Same schedule shape as DeSTSeg (the PFADSeg paper's own values are not public)."""
 
-    teacher: str = "resnet18"
-    image_size: int | tuple[int, int] = 256  # S (square) or (height, width)
-    batch_size: int = 32
-    steps: int = 5000
-    student_steps: int = 1000
-    lr_student: float = 0.4
-    lr_res: float = 0.1
-    lr_head: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    focal_gamma: float = 4.0
-    top_k: int = 100
-    seg_width: int = 256  # channels of the segmentation network, as DeSTSeg's
-    fusion_width: int = 128  # channels per scale in the fusion block
-    denoising: bool = True
+    fusion_width: int = option(128, "channels per scale in the fusion block", lambda v: v >= 1, "at least 1",
+                               flag=None)
 
 
 class ScaleFusion(nn.Module):
@@ -97,7 +86,12 @@ class ScaleGate(nn.Module):
         return 3 * torch.softmax(self.net(distances), dim=1)
 
 
+@register_model
 class TESD(SegmentationGuidedModel):
+    name = "tesd"
+    Config = TESDConfig
+    published = {"source": "PFADSeg abstract (a different model), MVTec mean", "i_auroc": 0.989, "p_ap": 0.764,
+                 "iap": 0.787}
     student_reads_teacher = True
 
     def __init__(self, config: TESDConfig, teacher_weights=None, pretrained: bool = True):

@@ -1,0 +1,197 @@
+"""DeSTSeg on this CPU in one command: the CPU kind, the yardstick (a plain eager fp32 ResNet18 forward, batch
+16, 256x256, channels_last), the measured arithmetic peak, and per configuration (student and segmentation
+widths) the training images/s of each stage, the inference images/s of the model per engine and precision,
+end to end (``destseg test``) on trained runs, and, with ``--accuracy``, the metrics of cpu-schedule runs.
+
+    .venv/bin/python benchmarks/cpu_speed.py [--config 64,256 32,32] [--run RUN ...] \\
+        [--accuracy ROOT CATEGORY --texture-dir DIR --seeds 1 --out runs/cpu-acc]
+
+Speed is relative: compare a row with the yardstick printed in the same run (a ratio), not across machines.
+Weights are random for the model-only rows (speed does not depend on them); int8 rows (OpenVINO + NNCF,
+calibrated on random inputs here) need ``pip install nncf``. ``ONEDNN_MAX_CPU_ISA=AVX2`` (with
+``ATEN_CPU_CAPABILITY=avx2``) emulates an AVX2-only CPU for both torch and OpenVINO; the header says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from destseg.device import autocast, describe_cpu, prepare_model
+from destseg.export import MapAndScore
+from destseg.models import build_model, model_config
+from destseg.models.backbones import ResNet18
+from destseg.models.common import fold_batchnorm
+from flops import count, measured_peak_gflops  # benchmarks/flops.py, beside this script
+from speed import images_per_s  # benchmarks/speed.py, beside this script
+
+BATCH = 16
+
+
+def yardstick(warmup: int, iters: int) -> float:
+    """Images/s of a plain eager fp32 ResNet18 forward (batch 16, 256x256, channels_last)."""
+    net = ResNet18().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(BATCH, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return images_per_s(lambda: net(x), BATCH, warmup, iters)
+
+
+def training_rates(config, warmup: int, iters: int) -> dict[str, float]:
+    """Images/s of a training step of each stage (fp32)."""
+    model = prepare_model(build_model("destseg", config, pretrained=False), torch.device("cpu"), None)
+    x = torch.randn(BATCH, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+    batch = {"image": x, "augmented": x + 0.1 * torch.randn_like(x),
+             "mask": (torch.rand(BATCH, 1, 256, 256) > 0.7).float()}
+    rates = {}
+    for stage in model.stages(100):
+        opt = torch.optim.SGD(stage.param_groups, lr=1e-3, momentum=0.9)
+        stage.freeze_others(model)
+        stage.train_mode(model)
+
+        def step():
+            loss = model.training_loss(stage.name, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        rates[stage.name] = images_per_s(step, BATCH, warmup, iters)
+    return rates
+
+
+def inference_rates(config, warmup: int, iters: int, int8: bool) -> dict[str, float]:
+    """Model-only images/s per engine and precision."""
+    torch.manual_seed(0)
+    model = fold_batchnorm(build_model("destseg", config, pretrained=False)).eval()
+    x = torch.randn(BATCH, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+    rates = {}
+    cl = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        rates["torch fp32"] = images_per_s(lambda: cl(x), BATCH, warmup, iters)
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            def bf16():
+                with autocast(torch.device("cpu"), torch.bfloat16):
+                    cl(x)
+            rates["torch bf16"] = images_per_s(bf16, BATCH, warmup, iters)
+    try:
+        import openvino as ov
+    except ImportError:
+        return rates
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(MapAndScore(model).eval(), (torch.zeros(2, 3, 256, 256),), buf, input_names=["images"],
+                          output_names=["anomaly_map", "score"], dynamic_axes={"images": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    core, xn = ov.Core(), x.contiguous().numpy()
+    ir = core.read_model(buf.getvalue())
+    threads = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    compiled = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads})
+    rates["openvino fp32"] = images_per_s(lambda: compiled(xn), BATCH, warmup, iters)
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        compiled = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", **threads})
+        rates["openvino bf16"] = images_per_s(lambda: compiled(xn), BATCH, warmup, iters)
+    if int8:
+        import nncf
+
+        calibration = [torch.randn(1, 3, 256, 256).numpy() for _ in range(16)]
+        quantized = nncf.quantize(ir, nncf.Dataset(calibration), subset_size=16)
+        compiled = core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads})
+        rates["openvino int8"] = images_per_s(lambda: compiled(xn), BATCH, warmup, iters)
+    return rates
+
+
+def end_to_end(run: str, backends: list[str]) -> dict[str, float]:
+    """``destseg test`` images/s end to end (reading, decoding, resizing, the model) per backend, on a copy of
+    the run (its own metrics stay as they are), default options otherwise."""
+    rates = {}
+    for backend in backends:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "run"
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns("openvino"))
+            cmd = [sys.executable, "-m", "destseg", "test", "--run", str(copy), "--json", "--no-progress",
+                   "--no-report", "--backend", backend]
+            subprocess.run(cmd + ["--no-report"], check=True, capture_output=True)  # first: exports the IR
+            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            rates[f"{backend} ({result['precision']})"] = result["images_per_s"]
+    return rates
+
+
+def accuracy(root: str, category: str, widths: tuple[int, int], args) -> dict:
+    """Mean metrics of ``--seeds`` cpu-schedule runs of one configuration (``destseg benchmark``)."""
+    out = Path(args.out) / f"sw{widths[0]}-gw{widths[1]}"
+    cmd = [sys.executable, "-m", "destseg", "benchmark", "--data", root, "--categories", category, "--models",
+           "destseg", "--seeds", str(args.seeds), "--schedule", "cpu", "--out", str(out), "--no-progress"]
+    if args.texture_dir:
+        cmd += ["--texture-dir", args.texture_dir]
+    subprocess.run(cmd + ["--", "--student-width", str(widths[0]), "--seg-width", str(widths[1])], check=True,
+                   capture_output=True)
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    keys = ("i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90", "train_minutes")
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", nargs="+", default=["64,256", "32,64", "32,32"],
+                   help="student width,segmentation width pairs (64,256 is the paper's architecture)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--no-int8", action="store_true", help="skip the OpenVINO int8 rows")
+    p.add_argument("--run", action="append", default=[], help="a trained run for the end-to-end rows")
+    p.add_argument("--backends", nargs="+", default=["torch", "openvino"])
+    p.add_argument("--accuracy", nargs=2, metavar=("ROOT", "CATEGORY"), help="train and test each configuration")
+    p.add_argument("--texture-dir")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out", default="runs/cpu-speed")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import nncf  # noqa: F401
+        int8 = not args.no_int8
+    except ImportError:
+        int8 = False
+    cap = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
+    base = yardstick(args.warmup + 1, args.iters + 2)
+    peak = measured_peak_gflops()
+    print(f"{describe_cpu()}{' with ' + ', '.join(f'{k}={v}' for k, v in cap.items()) if cap else ''}; "
+          f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, 256x256, Lite0 teacher\n")
+    print(f"yardstick (ResNet18 eager fp32 forward): {base:.1f} img/s; fp32 peak (256-channel 3x3 conv at 64x64): "
+          f"{peak:.0f} GFLOP/s\n")
+    print("| student, seg. width | GFLOP/img inference | stage-1 train img/s | stage-2 train img/s | inference img/s "
+          "(x yardstick) |")
+    print("|---|---|---|---|---|")
+    for spec in args.config:
+        sw, gw = (int(v) for v in spec.split(","))
+        config = model_config("destseg", teacher="efficientnet_lite0", student_width=sw, seg_width=gw)
+        flops = count("destseg", "efficientnet_lite0", student_width=sw, seg_width=gw)["inference"]
+        train = training_rates(config, args.warmup, args.iters)
+        infer = inference_rates(config, args.warmup, args.iters, int8)
+        cells = ", ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in infer.items())
+        print(f"| {sw}, {gw} | {flops:.1f} | {train['student']:.1f} | {train['segmentation']:.1f} | {cells} |",
+              flush=True)
+        if args.accuracy:
+            acc = accuracy(*args.accuracy, (sw, gw), args)
+            print(f"|   accuracy ({args.accuracy[1]}, {args.seeds} seed(s)) | " + " / ".join(
+                f"{100 * acc[k]:.1f}" for k in ("i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90"))
+                + f" | train {acc['train_minutes']:.1f} min | | |", flush=True)
+    for run in args.run:
+        t0 = time.perf_counter()
+        rates = end_to_end(run, args.backends)
+        cells = ", ".join(f"{k} {v:.1f} ({v / base:.2f} x yardstick)" for k, v in rates.items())
+        print(f"\nend to end, `destseg test --run {run}`: {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
