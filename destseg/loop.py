@@ -205,7 +205,6 @@ class Loop:
                       "time_s": round(time.time() - self.t_start, 2)})
         if validate_now:
             value = mean_map(self.model, val_ds, self.device, self.dtype, self.config.batch_size, workers)
-            stage.train_mode(self.model)
             if self.best is None or value < self.best["value"]:
                 self.best = {"value": value, "step": self.step, "model_state": unwrapped_state(self.model)}
         if stop_now:

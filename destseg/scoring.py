@@ -25,14 +25,13 @@ class Batch:
 
 @torch.no_grad()
 def batches(model, dataset, device: torch.device, dtype, batch_size: int, workers: int = 0,
-            progress: bool = False, desc: str = "score", eval_mode: bool = True) -> Iterator[Batch]:
-    """Each batch of ``dataset`` through ``model`` (with ``eval_mode``, in eval mode meanwhile; its
-    training mode is restored). ``workers``: DataLoader processes that read, decode and resize."""
+            progress: bool = False, desc: str = "score") -> Iterator[Batch]:
+    """Each batch of ``dataset`` through ``model`` in eval mode (each module's own mode is put back after).
+    ``workers``: DataLoader processes that read, decode and resize."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
-    was_training = getattr(model, "training", False)
-    if eval_mode:
-        model.eval()
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    model.eval()
     try:
         for data in tqdm(loader, desc=desc, unit="batch", disable=not progress):
             x = data["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -42,8 +41,8 @@ def batches(model, dataset, device: torch.device, dtype, batch_size: int, worker
             out = {k: v.float().cpu() for k, v in out.items()}
             yield Batch(data, out, time.perf_counter() - t0)
     finally:
-        if eval_mode and was_training:
-            model.train()
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass
@@ -88,10 +87,10 @@ def score_images(model, dataset, device, dtype, batch_size: int) -> tuple[np.nda
 
 
 def mean_map(model, dataset, device, dtype, batch_size: int, workers: int = 0) -> float:
-    """The mean anomaly-map value over ``dataset`` (a model's validation criterion), computed with the
-    model in the mode the caller left it."""
+    """The mean anomaly-map value over ``dataset`` in eval mode (a model's validation criterion: the maps
+    the model will make at inference, with its BatchNorm statistics left as training made them)."""
     total, count = 0.0, 0
-    for b in batches(model, dataset, device, dtype, batch_size, workers, eval_mode=False):
+    for b in batches(model, dataset, device, dtype, batch_size, workers):
         total += float(b.outputs["map"].sum())
         count += b.outputs["map"].numel()
     return total / max(count, 1)

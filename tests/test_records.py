@@ -204,3 +204,25 @@ def test_batch_reduction_sum_is_half_the_batch_times_the_mean():
     assert losses["sum"] == pytest.approx(0.5 * 4 * losses["mean"], rel=1e-6)
     with pytest.raises(ValueError, match="--batch-reduction must be mean or sum"):
         model_config("stfpm", batch_reduction="max")
+
+
+def test_validation_scores_in_eval_mode_and_leaves_the_batchnorm_statistics_alone(tiny_mvtec):
+    """STFPM picks its best weights by the mean map on held-out images. That map was computed with the student
+    in training mode: BatchNorm normalised by the validation batch's own statistics (not the maps inference
+    makes) and folded the validation images into its running statistics."""
+    from destseg.data import TestDataset, TestSample, scan_mvtec
+    from destseg.models.backbones import backbone_spec
+    from destseg.scoring import mean_map
+
+    model = build_model("stfpm", model_config("stfpm", teacher="efficientnet_lite0"), pretrained=False)
+    stage = model.stages(10)[0]
+    stage.train_mode(model)
+    bn = [m for m in model.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bn]
+    ds = TestDataset([TestSample(p, 0, None, "good") for p in scan_mvtec(tiny_mvtec, "widget").train], 64,
+                     backbone_spec("efficientnet_lite0").normalize)
+    value = mean_map(model, ds, torch.device("cpu"), None, 4)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bn))
+    assert model.student.training and not model.teacher.training  # each module's mode put back
+    model.eval()
+    assert value == pytest.approx(mean_map(model, ds, torch.device("cpu"), None, 4))
