@@ -7,8 +7,8 @@ from destseg.errors import DestsegError  # noqa: E402
 __all__ = ["__version__", "DestsegError", "load_detector"]
 
 
-def load_detector(run_dir, device="cpu", precision="auto", backend="torch", compile="auto"):
-    """Load a trained run for prediction (``backend``: torch or openvino; ``compile``: auto, on, off).
+def load_detector(run_dir, device="cpu", precision="auto", backend="auto", compile="auto"):
+    """Load a trained run for prediction (``backend``: auto, torch or openvino; ``compile``: auto, on, off).
     See :class:`destseg.infer.Detector`."""
     from destseg.infer import Detector
 

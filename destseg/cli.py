@@ -258,8 +258,9 @@ def cmd_benchmark(args) -> int:
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="inference engine (openvino: CPU only, the run's IR is exported on first use)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="inference engine: auto (default) = openvino on a CPU where it is installed, else torch; "
+                        "openvino: CPU only, the run's IR is exported into RUN/openvino on first use")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model (auto: on CUDA only; falls back to eager with a warning)")
 

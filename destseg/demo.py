@@ -25,7 +25,8 @@ from destseg.errors import DestsegError
 SIZE = 256
 N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 60, 12, 18
 DEMO_SCHEDULE = {"teacher": "efficientnet_lite0", "image_size": 128, "batch_size": 8, "steps": 450,
-                 "student_steps": 250}
+                 "student_steps": 250, "student_width": 32, "seg_width": 32}  # the cpu schedule's widths
+DEMO_BUDGET_S = 270.0  # training stops after 4.5 minutes on a machine too slow for the 450 steps
 
 
 def _skimage_data():
@@ -136,7 +137,8 @@ def run_demo(out: Path, overwrite: bool = False, steps: int | None = None, seed:
         schedule["steps"], schedule["student_steps"] = steps, max(1, int(steps * 0.55))
     config = model_config(DEFAULT_MODEL, **schedule)
     run = out / "run"
-    train(run, DEFAULT_MODEL, config, DataSource(str(data_root), "demo"), options=TrainOptions(seed=seed))
+    train(run, DEFAULT_MODEL, config, DataSource(str(data_root), "demo"),
+          options=TrainOptions(seed=seed, time_budget_s=DEMO_BUDGET_S))
     result = evaluate_run(run, progress=False)
     outputs = result.pop("_outputs")
     n = write_heatmaps(out / "heatmaps", outputs, index.test, config.image_size)

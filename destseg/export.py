@@ -18,26 +18,33 @@ from destseg.run import load_model
 
 
 class MapAndScore(nn.Module):
-    def __init__(self, model: nn.Module):
+    """The model's outputs ``keys`` as a tuple (default: the anomaly map and the score)."""
+
+    def __init__(self, model: nn.Module, keys=("map", "score")):
         super().__init__()
-        self.model = model
+        self.model, self.keys = model, tuple(keys)
 
     def forward(self, images):
         out = self.model(images)
-        return out["map"], out["score"]
+        return tuple(out[k] for k in self.keys)
 
 
-def export_onnx(run_dir: Path | str, out_path: Path | str, opset: int = 17) -> Path:
+def export_onnx(run_dir: Path | str, out_path: Path | str, opset: int = 17, all_maps: bool = False) -> Path:
+    """``all_maps``: also the secondary maps the model's ``map_outputs`` names (outputs named like the
+    model's keys: ``map``, ``score``, ``dest_map``...; for the run's own OpenVINO IR, so that ``destseg test``
+    evaluates them too); else the two outputs ``anomaly_map`` and ``score``."""
     model, ckpt = load_model(run_dir, "cpu")
     h, w = hw(model.config.image_size)
-    wrapper = MapAndScore(model).eval()
+    keys = [k for pair in model.map_outputs.values() for k in pair] if all_maps else ["map", "score"]
+    names = keys if all_maps else ["anomaly_map", "score"]
+    wrapper = MapAndScore(model, keys).eval()
     example = torch.zeros(2, 3, h, w)
 
     def write(f):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes on shape arithmetic (sizes are fixed here)
-            torch.onnx.export(wrapper, (example,), f, input_names=["images"], output_names=["anomaly_map", "score"],
-                              dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
+            torch.onnx.export(wrapper, (example,), f, input_names=["images"], output_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
                               opset_version=opset, dynamo=False)
 
     try:

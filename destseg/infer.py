@@ -4,6 +4,7 @@ Reads runs through :class:`destseg.run.Run`; nothing here imports training."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,29 +39,53 @@ class InferenceModel:
     dtype: torch.dtype | None  # autocast dtype (None: fp32)
     precision: str  # in words: fp32, bf16, openvino f32...
     ckpt: dict  # the checkpoint (model_state dropped)
+    backend: str  # the engine that runs it: torch or openvino
 
     @property
     def map_outputs(self) -> dict[str, tuple[str, str]]:
         return getattr(self.model, "map_outputs", {"": ("map", "score")})
 
 
-def load_inference(run_dir, device: str = "auto", precision: str = "auto", backend: str = "torch",
+def resolve_backend(backend: str, device: str, compile: str = "auto") -> str:
+    """``auto``: OpenVINO on a CPU when the package is installed (the faster CPU engine, docs/BENCHMARKS.md),
+    else PyTorch; PyTorch on a GPU and whenever ``--compile on`` asks for torch.compile."""
+    if backend not in ("auto", "torch", "openvino"):
+        raise DestsegError(f"--backend must be auto, torch or openvino (got {backend!r})")
+    if backend != "auto":
+        return backend
+    if compile == "on" or resolve_device(device).type != "cpu":
+        return "torch"
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "openvino"
+
+
+def load_inference(run_dir, device: str = "auto", precision: str = "auto", backend: str = "auto",
                    compile: str = "auto") -> InferenceModel:
     """A run's model for inference with ``backend``: ``torch`` (batch norms folded, channels_last on CPU;
-    ``compile``: auto|on|off, see :func:`destseg.device.should_compile`) or ``openvino`` (CPU, the run's
-    cached IR)."""
+    ``compile``: auto|on|off, see :func:`destseg.device.should_compile`), ``openvino`` (CPU, the run's
+    cached IR) or ``auto`` (:func:`resolve_backend`; a model OpenVINO cannot take runs in PyTorch, with a
+    warning)."""
     run = Run(run_dir)
-    if backend == "openvino":
+    chosen = resolve_backend(backend, device, compile)
+    if chosen == "openvino":
         from destseg.openvino_ir import OpenVINOModel, run_ir
 
         if device not in ("auto", "cpu"):
             raise DestsegError(f"--backend openvino runs on the CPU, not --device {device}")
+        try:
+            ir = run_ir(run.path)
+        except DestsegError as exc:
+            if backend == "openvino":
+                raise
+            warnings.warn(f"OpenVINO could not take this run ({exc}); running it in PyTorch", stacklevel=2)
+            return load_inference(run_dir, device, precision, "torch", compile)
         ckpt = run.checkpoint()
-        model = OpenVINOModel(run_ir(run.path), precision)
+        model = OpenVINOModel(ir, precision)
         return InferenceModel(model, run, run.config, ckpt["model"], torch.device("cpu"), None,
-                              f"openvino {model.precision}", _light(ckpt))
-    if backend != "torch":
-        raise DestsegError(f"--backend must be torch or openvino (got {backend!r})")
+                              f"openvino {model.precision}", _light(ckpt), "openvino")
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
     model, ckpt = run.load_model(str(dev))
@@ -69,7 +94,7 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
     if should_compile(compile, dev):
         model = CompiledModel(model)
     return InferenceModel(model, run, model.config, ckpt["model"], dev, dtype, "fp32" if dtype is None else "bf16",
-                          _light(ckpt))
+                          _light(ckpt), "torch")
 
 
 def _light(ckpt: dict) -> dict:
@@ -78,7 +103,7 @@ def _light(ckpt: dict) -> dict:
 
 def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
                  precision: str = "auto", batch_size: int = 16, progress: bool = True, fpr: float = 0.01,
-                 report: bool = False, backend: str = "torch", compile: str = "auto", workers: int = -1) -> dict:
+                 report: bool = False, backend: str = "auto", compile: str = "auto", workers: int = -1) -> dict:
     """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json (and
     RUN/report.html with ``report``). Thresholds: F1-max on the test split, or, when it has no defect
     images, the split-conformal thresholds of its good images at false-positive rate ``fpr``.
@@ -100,7 +125,7 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
                          io_workers(inf.device) if workers < 0 else workers)
     wall = time.perf_counter() - t0
     result = {"model": inf.model_name, "teacher": inf.config.teacher, **training_summary(inf.ckpt),
-              "n_test": len(dataset), "backend": backend, "precision": inf.precision, "device": str(inf.device),
+              "n_test": len(dataset), "backend": inf.backend, "precision": inf.precision, "device": str(inf.device),
               "images_per_s": len(dataset) / max(wall, 1e-9),  # end to end: reading, decoding, resizing too
               "model_images_per_s": len(dataset) / max(out.seconds, 1e-9)}
     if out.labels.any() and out.masks.any():
@@ -182,10 +207,10 @@ class Detector:
         self.normalize = backbone_spec(config.teacher).normalize
 
     @classmethod
-    def load(cls, run_dir, device: str = "cpu", precision: str = "auto", backend: str = "torch",
+    def load(cls, run_dir, device: str = "cpu", precision: str = "auto", backend: str = "auto",
              compile: str = "auto") -> "Detector":
-        """``backend``: ``torch``, or ``openvino`` (CPU; the run's IR is exported on first use);
-        ``compile``: auto (torch.compile on CUDA), on, off."""
+        """``backend``: ``auto`` (OpenVINO on a CPU where installed, else PyTorch), ``torch``, or ``openvino``
+        (CPU; the run's IR is exported on first use); ``compile``: auto (torch.compile on CUDA), on, off."""
         inf = load_inference(run_dir, device, precision, backend, compile)
         return cls(inf.model, inf.config, inf.run.thresholds(), inf.device, inf.dtype, inf.model_name)
 

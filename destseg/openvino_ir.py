@@ -27,15 +27,16 @@ def _ov():
     return openvino
 
 
-def export_openvino(run_dir: Path | str, out_dir: Path | str) -> Path:
-    """Write ``out_dir/model.xml`` and ``model.bin`` (atomically: the folder appears complete or not at all)."""
+def export_openvino(run_dir: Path | str, out_dir: Path | str, all_maps: bool = False) -> Path:
+    """Write ``out_dir/model.xml`` and ``model.bin`` (atomically: the folder appears complete or not at all);
+    ``all_maps``: with the model's secondary maps as outputs (see :func:`destseg.export.export_onnx`)."""
     from destseg.export import export_failed, export_onnx
 
     ov = _ov()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
-        onnx_path = export_onnx(run_dir, Path(tmp) / "model.onnx")
+        onnx_path = export_onnx(run_dir, Path(tmp) / "model.onnx", all_maps=all_maps)
         try:
             model = ov.convert_model(str(onnx_path))
         except Exception as exc:  # the converter's own error classes (ovc Error, OpConversionFailure)
@@ -50,11 +51,14 @@ def export_openvino(run_dir: Path | str, out_dir: Path | str) -> Path:
 
 
 def run_ir(run_dir: Path | str) -> Path:
-    """The run's cached IR, exported on first use."""
+    """The run's cached IR (with every map the model makes), exported on first use and again when the
+    checkpoint is newer or the IR was written by an earlier version (two outputs only)."""
     ir = Path(run_dir) / "openvino" / IR_NAME
     ckpt = Path(run_dir) / "checkpoint.pt"
-    if not ir.is_file() or (ckpt.is_file() and ckpt.stat().st_mtime > ir.stat().st_mtime):
-        export_openvino(run_dir, ir.parent)
+    stale = not ir.is_file() or (ckpt.is_file() and ckpt.stat().st_mtime > ir.stat().st_mtime) or \
+        'name="anomaly_map"' in ir.read_text(errors="ignore")[:200_000]
+    if stale:
+        export_openvino(run_dir, ir.parent, all_maps=True)
     return ir
 
 
@@ -87,7 +91,16 @@ class OpenVINOModel:
     def to(self, *args, **kwargs):
         return self
 
+    @property
+    def map_outputs(self) -> dict[str, tuple[str, str]]:
+        """The (map, score) pairs among the outputs: ``map``/``score``, and ``<prefix>map``/``<prefix>score``."""
+        names = [o.get_any_name() for o in self.compiled.outputs]
+        return {n[: -len("map")]: (n, n[: -len("map")] + "score") for n in names
+                if n.endswith("map") and n[: -len("map")] + "score" in names}
+
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         result = self.compiled(x.detach().float().contiguous().cpu().numpy())
-        anomaly_map, score = (torch.from_numpy(result[i]) for i in range(2))
-        return {"map": anomaly_map, "score": score}
+        out = {o.get_any_name(): torch.from_numpy(result[o]) for o in self.compiled.outputs}
+        if "anomaly_map" in out:  # exported by ``destseg export``: two outputs
+            out["map"] = out.pop("anomaly_map")
+        return out

@@ -180,7 +180,7 @@ def _check_args(output_size: str, batch_size: int, workers: int) -> None:
 def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | None = None,
                 pixel_threshold: float | None = None, batch_size: int = 16, device: str = "auto",
                 precision: str = "auto", overwrite: bool = False, progress: bool = True,
-                backend: str = "torch", compile: str = "auto", workers: int = -1, output_size: str = "input") -> int:
+                backend: str = "auto", compile: str = "auto", workers: int = -1, output_size: str = "input") -> int:
     """``workers``: threads for reading and writing images (-1: :func:`destseg.device.io_workers`; 0: none);
     ``output_size``: overlays and masks at each ``input`` image's size or at the ``model``'s."""
     _check_args(output_size, batch_size, workers)

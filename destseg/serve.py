@@ -244,7 +244,7 @@ async def _multipart_file(request, body: bytes) -> tuple[bytes | None, str]:
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", precision: str = "auto",
           max_batch: int = 16, max_wait_ms: float = 5.0, max_bytes: int = 20 * 1024 * 1024,
-          backend: str = "torch", compile: str = "auto") -> int:
+          backend: str = "auto", compile: str = "auto") -> int:
     """Load the run once and serve it until interrupted."""
     import socket
 

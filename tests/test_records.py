@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from destseg.checkpoint import load_checkpoint, save_checkpoint
 from destseg.cli import main
-from destseg.errors import DestsegError
 from destseg.models import build_model, model_config
 from destseg.models.backbones import Teacher, build_backbone
 from destseg.models.common import segmentation_loss

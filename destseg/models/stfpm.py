@@ -13,7 +13,7 @@ import torch
 
 from destseg.models.backbones import Teacher, build_backbone
 from destseg.models.base import AnomalyModel, ModelConfig, Stage, option, register_model
-from destseg.models.common import l2_normalize, resize
+from destseg.models.common import CPU_TEACHER, l2_normalize, resize
 
 
 @dataclass
@@ -37,7 +37,8 @@ class STFPMConfig(ModelConfig):
 
 
 def cpu_schedule(n_train: int) -> tuple[dict, str]:
-    return {"batch_size": 16}, "cpu schedule: batch 16, the paper's 100 epochs"
+    return ({"teacher": CPU_TEACHER, "batch_size": 16},
+            f"cpu schedule: {CPU_TEACHER} teacher, batch 16, the paper's 100 epochs")
 
 
 def feature_distances(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[torch.Tensor]:
