@@ -188,7 +188,58 @@ def cmd_serve(args) -> int:
 
     return serve(args.run, host=args.host, port=args.port, device=args.device, precision=args.precision,
                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_bytes=args.max_mb * 1024 * 1024,
-                 backend=args.backend, compile=args.compile)
+                 backend=args.backend, compile=args.compile, drift_window=args.drift_window)
+
+
+def cmd_watch(args) -> int:
+    from destseg.watch import watch
+
+    return watch(args.run, args.input, args.out, once=args.once, interval=args.interval, settle_s=args.settle,
+                 retry_s=args.retry, batch_size=args.batch_size, device=args.device, precision=args.precision,
+                 backend=args.backend, compile=args.compile, workers=args.workers,
+                 output_size=args.output_size, drift_window=args.drift_window)
+
+
+def cmd_feedback(args) -> int:
+    from destseg.feedback import add_feedback
+    from destseg.infer import Detector
+
+    marks = [(f, "false_alarm") for f in args.false_alarm] + [(f, "missed_defect") for f in args.missed_defect]
+    if not marks:
+        raise DestsegError("nothing to mark: pass --false-alarm FILE... and/or --missed-defect FILE...")
+    for f, _ in marks:
+        if not Path(f).is_file():
+            raise DestsegError(f"{f}: no such file")
+    det = Detector.load(args.run, device=args.device)
+    for f, kind in marks:
+        entry = add_feedback(args.run, f, kind, score=det.predict(f).score)
+        print(f"{f}: {kind.replace('_', ' ')}{'' if entry['new'] else ' (already marked)'} "
+              f"(score {entry['score']:.4g})")
+    print(f"kept in {Path(args.run) / 'feedback'}; `destseg recalibrate --run {args.run}` refits the thresholds")
+    return 0
+
+
+def cmd_recalibrate(args) -> int:
+    from destseg.feedback import recalibrate
+    from destseg.infer import Detector
+
+    if args.fpr is not None and not 0 < args.fpr < 1:
+        raise DestsegError(f"--fpr must be in (0, 1) (got {args.fpr})")
+    det = Detector.load(args.run, device=args.device, precision=args.precision, backend=args.backend)
+    r = recalibrate(det, args.fpr)
+    before, after = r["before"], r["after"]
+
+    def fmt(v):
+        return "none" if v is None else f"{v:.4g}"
+
+    print(f"image threshold {fmt(before.get('image'))} -> {fmt(after['image'])}, pixel threshold "
+          f"{fmt(before.get('pixel'))} -> {fmt(after['pixel'])} (false-positive rate at most "
+          f"{after['fpr_bound']:.3g}; {r['n_calibration']} calibration images + {r['n_false_alarms']} false alarms)")
+    if r["n_missed_defects"]:
+        print(f"{r['missed_caught']} of {r['n_missed_defects']} missed defects marked so far score above the new "
+              "image threshold (good-image thresholds cannot be set from defects)")
+    print(f"written to {Path(args.run) / 'thresholds.json'} (the previous one kept in thresholds-history/)")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -257,7 +308,10 @@ def cmd_benchmark(args) -> int:
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "int8"],
+                   help="auto: bf16 where the CPU or GPU runs it natively, else fp32; int8: OpenVINO with NNCF's "
+                        "post-training quantisation, calibrated on the run's good training images (opt-in: "
+                        "docs/RESULTS.md gives its accuracy)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
                    help="inference engine: auto (default) = openvino on a CPU where it is installed, else torch; "
                         "openvino: CPU only, the run's IR is exported into RUN/openvino on first use")
@@ -291,8 +345,10 @@ def _train_parser(p) -> None:
     p.add_argument("--teacher-weights", help="explicit teacher weights file (ResNet18: torchvision's)")
     p.add_argument("--schedule", default="auto",
                    help="auto (default): cpu on a CPU, paper on a GPU; paper: the SPEC's schedule; cpu: the "
-                        "model's schedule sized for a 2-core CPU (batch 16, epochs that follow the training "
-                        "set); or a JSON file {model: {field: value}}. Explicit flags override it")
+                        "model's schedule sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that follow the "
+                        "training set); fast: cpu with DeSTSeg's networks at 32 channels (~9x faster "
+                        "training and inference, lower pixel metrics: docs/RESULTS.md); or a JSON file {model: {field: "
+                        "value}}. Explicit flags override it")
     p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
                                          "cumulative share of the budget; the steps trained are recorded)")
     for flag in model_flags().values():
@@ -343,7 +399,8 @@ def _test_parser(p) -> None:
 
 
 def _predict_parser(p) -> None:
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                   help="run directory (under torchrun write --run-dir: torchrun takes --run for its --run-path)")
     p.add_argument("--input", required=True, help="image, folder (recursive) or quoted glob")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threshold", type=float, help="image-score threshold (default: the run's)")
@@ -374,6 +431,38 @@ def _serve_parser(p) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="largest micro-batch of concurrent requests")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a micro-batch to fill")
     p.add_argument("--max-mb", type=int, default=20, help="largest accepted upload, in MiB")
+    p.add_argument("--drift-window", type=int, default=200, help="recent scores the drift check looks at")
+
+
+def _watch_parser(p) -> None:
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--input", required=True, type=Path, help="folder to watch (recursively)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="results.csv (the journal: one row per image), skipped.csv, overlays/, masks/, drift.json")
+    p.add_argument("--once", action="store_true", help="score what is there and exit (for cron)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between scans of --input (default 1)")
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="seconds a file must stay unchanged before it is scored (default 1)")
+    p.add_argument("--retry", type=float, default=30.0,
+                   help="seconds an unchanged file may stay undecodable before it is skipped (default 30)")
+    p.add_argument("--output-size", default="input", choices=["input", "model"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--drift-window", type=int, default=200, help="recent scores the drift check looks at")
+    _add_inference_args(p)
+    _add_workers_arg(p, "threads that read the images and write the PNGs")
+
+
+def _feedback_parser(p) -> None:
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--false-alarm", nargs="+", default=[], metavar="FILE", help="good images called defect")
+    p.add_argument("--missed-defect", nargs="+", default=[], metavar="FILE", help="defect images called OK")
+    p.add_argument("--device", default="auto")
+
+
+def _recalibrate_parser(p) -> None:
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--fpr", type=float, help="false-positive target (default: the one the thresholds were set at)")
+    _add_inference_args(p)
 
 
 def _evaluate_parser(p) -> None:
@@ -397,7 +486,7 @@ def _benchmark_parser(p) -> None:
                    help="comma-separated category names (or dataset:category), or all: every category folder "
                         "with a train/ folder under each root")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--schedule", default="cpu", help="auto, paper, cpu, or a JSON file (see train --help)")
+    p.add_argument("--schedule", default="cpu", help="auto, paper, cpu, fast, or a JSON file (see train --help)")
     p.add_argument("--teacher", default="efficientnet_lite0", choices=list(BACKBONES))
     p.add_argument("--texture-dir")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per (category, model)")
@@ -416,6 +505,12 @@ COMMANDS = {  # name: (help, arguments, action)
     "export": ("export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)", _export_parser,
                cmd_export),
     "serve": ("HTTP service and web page for a run: POST /predict, GET /health, GET /", _serve_parser, cmd_serve),
+    "watch": ("score every image that appears in a folder, exactly once (results.csv journal, drift check)",
+              _watch_parser, cmd_watch),
+    "feedback": ("mark images as false alarms or missed defects (kept in RUN/feedback/)", _feedback_parser,
+                 cmd_feedback),
+    "recalibrate": ("refit the thresholds on the good images plus the false alarms marked", _recalibrate_parser,
+                    cmd_recalibrate),
     "evaluate": ("metrics of any method's outputs saved as .npz", _evaluate_parser, cmd_evaluate),
     "demo": ("build the embedded demo dataset, train, test and write heat maps", _demo_parser, cmd_demo),
     "benchmark": ("train and test (category, model, seed) runs; results table", _benchmark_parser, cmd_benchmark),

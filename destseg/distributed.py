@@ -1,5 +1,5 @@
-"""Data-parallel training under torchrun: the process group, collective reductions and the stage-long
-DistributedDataParallel wrapping. Every function is a no-op in a single process."""
+"""torchrun: the process group and collectives (used by data-parallel training and by sharded ``predict``),
+and training's stage-long DistributedDataParallel wrapping. Every function is a no-op in a single process."""
 
 from __future__ import annotations
 

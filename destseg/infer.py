@@ -46,11 +46,16 @@ class InferenceModel:
         return getattr(self.model, "map_outputs", {"": ("map", "score")})
 
 
-def resolve_backend(backend: str, device: str, compile: str = "auto") -> str:
+def resolve_backend(backend: str, device: str, compile: str = "auto", precision: str = "auto") -> str:
     """``auto``: OpenVINO on a CPU when the package is installed (the faster CPU engine, docs/BENCHMARKS.md),
-    else PyTorch; PyTorch on a GPU and whenever ``--compile on`` asks for torch.compile."""
+    else PyTorch; PyTorch on a GPU and whenever ``--compile on`` asks for torch.compile. ``--precision int8``
+    is OpenVINO's."""
     if backend not in ("auto", "torch", "openvino"):
         raise DestsegError(f"--backend must be auto, torch or openvino (got {backend!r})")
+    if precision == "int8":
+        if backend == "torch":
+            raise DestsegError("--precision int8 runs on the OpenVINO backend (--backend openvino or auto)")
+        return "openvino"
     if backend != "auto":
         return backend
     if compile == "on" or resolve_device(device).type != "cpu":
@@ -69,21 +74,24 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
     cached IR) or ``auto`` (:func:`resolve_backend`; a model OpenVINO cannot take runs in PyTorch, with a
     warning)."""
     run = Run(run_dir)
-    chosen = resolve_backend(backend, device, compile)
+    chosen = resolve_backend(backend, device, compile, precision)
     if chosen == "openvino":
         from destseg.openvino_ir import OpenVINOModel, run_ir
 
         if device not in ("auto", "cpu"):
             raise DestsegError(f"--backend openvino runs on the CPU, not --device {device}")
+        ckpt = run.checkpoint()  # a missing or corrupt run is said as such, whatever the engine
         try:
-            ir = run_ir(run.path)
-        except DestsegError as exc:
-            if backend == "openvino":
+            model = OpenVINOModel(run_ir(run.path, int8=precision == "int8"), precision)
+        except (DestsegError, RuntimeError) as exc:  # export, conversion, or compilation for this CPU
+            if isinstance(exc, DestsegError) and (backend == "openvino" or precision == "int8"):
                 raise
-            warnings.warn(f"OpenVINO could not take this run ({exc}); running it in PyTorch", stacklevel=2)
+            if backend == "openvino" or precision == "int8":
+                raise DestsegError(f"{run.path}: OpenVINO could not run it "
+                                   f"({str(exc).strip().splitlines()[-1]})") from exc
+            warnings.warn(f"OpenVINO could not take this run ({str(exc).strip().splitlines()[-1]}); running it in "
+                          "PyTorch", stacklevel=2)
             return load_inference(run_dir, device, precision, "torch", compile)
-        ckpt = run.checkpoint()
-        model = OpenVINOModel(ir, precision)
         return InferenceModel(model, run, run.config, ckpt["model"], torch.device("cpu"), None,
                               f"openvino {model.precision}", _light(ckpt), "openvino")
     dev = resolve_device(device)
@@ -134,6 +142,8 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
     else:
         result["note"] = "no defect images with masks in the test split: metrics skipped"
         thresholds = good_image_thresholds(out.scores, out.maps, fpr, "good test images")
+        run.write_calibration([s.path for s in index.test], out.scores,
+                              out.maps.reshape(len(out.maps), -1).max(axis=1), "good test images")
     result["thresholds"] = thresholds
     run.write_metrics(result)
     run.write_thresholds(thresholds)
@@ -201,9 +211,10 @@ class Prediction:
 class Detector:
     """A trained run, ready to predict: ``Detector.load(run_dir).predict(image)``."""
 
-    def __init__(self, model, config: ModelConfig, thresholds: dict | None, device, dtype, model_name: str = ""):
+    def __init__(self, model, config: ModelConfig, thresholds: dict | None, device, dtype, model_name: str = "",
+                 run: Run | None = None):
         self.model, self.config, self.thresholds, self.model_name = model, config, thresholds, model_name
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.run = device, dtype, run
         self.normalize = backbone_spec(config.teacher).normalize
 
     @classmethod
@@ -212,7 +223,7 @@ class Detector:
         """``backend``: ``auto`` (OpenVINO on a CPU where installed, else PyTorch), ``torch``, or ``openvino``
         (CPU; the run's IR is exported on first use); ``compile``: auto (torch.compile on CUDA), on, off."""
         inf = load_inference(run_dir, device, precision, backend, compile)
-        return cls(inf.model, inf.config, inf.run.thresholds(), inf.device, inf.dtype, inf.model_name)
+        return cls(inf.model, inf.config, inf.run.thresholds(), inf.device, inf.dtype, inf.model_name, inf.run)
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images or uint8 arrays (H, W, 3) / (H, W) -> normalised batch (N, 3, H', W') at the run's size."""

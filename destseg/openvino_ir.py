@@ -1,8 +1,10 @@
 """OpenVINO: export a run to an IR (model.xml + model.bin) and run it as a drop-in for the PyTorch model.
 
 The IR is converted from the run's ONNX graph (batch norms folded, dynamic batch), weights kept in fp32.
-On a CPU with AMX/AVX-512-bf16, OpenVINO's default ("auto") runs it in bf16; ``precision="fp32"`` forces f32.
-A run's own IR is cached in ``RUN/openvino/`` the first time ``--backend openvino`` is used.
+On a CPU with AMX/AVX-512-bf16, OpenVINO's default ("auto") runs it in bf16; ``precision="fp32"`` forces f32;
+``precision="int8"`` runs an int8 copy quantised by NNCF (post-training, calibrated on the run's own good
+training images, never on test images). A run's own IRs are cached in ``RUN/openvino/`` (``int8/`` beside)
+the first time they are used.
 """
 
 from __future__ import annotations
@@ -50,7 +52,41 @@ def export_openvino(run_dir: Path | str, out_dir: Path | str, all_maps: bool = F
     return out_dir / IR_NAME
 
 
-def run_ir(run_dir: Path | str) -> Path:
+INT8_CALIBRATION_IMAGES = 300
+
+
+def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
+    """An int8 copy of the IR ``ir`` in ``out_dir`` (atomically), by NNCF's post-training quantisation with the
+    run's good training images (up to ``INT8_CALIBRATION_IMAGES``) as calibration data."""
+    from destseg.data.datasets import TestDataset, TestSample
+    from destseg.models.backbones import backbone_spec
+    from destseg.run import Run
+
+    try:
+        import nncf
+    except ImportError:
+        raise DestsegError("--precision int8 needs NNCF for the quantisation: pip install 'destseg[int8]'") from None
+    run = Run(run_dir)
+    paths = run.data.scan().train[:INT8_CALIBRATION_IMAGES] if run.data else []
+    if not paths:
+        raise DestsegError(f"{run.path}: --precision int8 calibrates on the run's good training images, and the run "
+                           f"records none that can be read (data: {run.record.get('data')})")
+    cfg = run.config
+    images = TestDataset([TestSample(p, 0, None, "good") for p in paths], cfg.image_size,
+                         backbone_spec(cfg.teacher).normalize)
+    ov = _ov()
+    quantized = nncf.quantize(ov.Core().read_model(str(ir)), nncf.Dataset(
+        [images[i]["image"][None].numpy() for i in range(len(images))]), subset_size=len(images))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        ov.save_model(quantized, str(Path(tmp) / "ir" / IR_NAME), compress_to_fp16=False)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(Path(tmp) / "ir", out_dir)
+    return out_dir / IR_NAME
+
+
+def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
     """The run's cached IR (with every map the model makes), exported on first use and again when the
     checkpoint is newer or the IR was written by an earlier version (two outputs only)."""
     ir = Path(run_dir) / "openvino" / IR_NAME
@@ -59,7 +95,12 @@ def run_ir(run_dir: Path | str) -> Path:
         'name="anomaly_map"' in ir.read_text(errors="ignore")[:200_000]
     if stale:
         export_openvino(run_dir, ir.parent, all_maps=True)
-    return ir
+    if not int8:
+        return ir
+    q = ir.parent / "int8" / IR_NAME
+    if stale or not q.is_file() or q.stat().st_mtime < ir.stat().st_mtime:
+        quantize_ir(run_dir, ir, q.parent)
+    return q
 
 
 class OpenVINOModel:
@@ -71,7 +112,7 @@ class OpenVINOModel:
         ov = _ov()
         core = ov.Core()
         config = {}
-        if precision == "fp32":
+        if precision in ("fp32", "int8"):  # int8: the quantised layers run in int8, the rest in f32
             config["INFERENCE_PRECISION_HINT"] = "f32"
         elif precision == "bf16":
             caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -84,6 +125,8 @@ class OpenVINOModel:
         self.compiled = core.compile_model(str(ir_path), "CPU", config)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # f32 / bf16
+        if precision == "int8":
+            self.precision = "int8"
 
     def eval(self):
         return self

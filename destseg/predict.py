@@ -8,12 +8,18 @@ listed with the reason. Memory stays bounded: paths are walked lazily and only a
 Reading, decoding and resizing the inputs and encoding the PNGs run on a thread pool (``workers``; Pillow
 and zlib release the GIL), so that a GPU is not left waiting for the main process; even on a 2-core CPU two
 threads gain 20-35%.
+
+Under torchrun (WORLD_SIZE > 1) the inputs are sharded by rank (input i goes to rank i mod world size; on
+CUDA each rank takes its LOCAL_RANK's GPU), every rank writes its own PNGs and rows, and rank 0 merges the
+rows in input order into the same results.csv and results.json one process writes. Across machines, OUT must
+be a folder every rank sees (a shared file system).
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import heapq
 import json
 import os
 import sys
@@ -25,11 +31,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from destseg.data.images import IMAGE_EXTENSIONS, hw, is_image_file, read_rgb, resize_map, resize_rgb
 from destseg.device import io_workers
+from destseg.distributed import Dist, barrier, init_distributed
 from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector
 from destseg.thresholds import in_force
@@ -103,40 +111,39 @@ def _write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray,
     Image.fromarray(threshold_mask(amap, pixel_thr)).save(mask_path)
 
 
-class _Results:
-    """The outputs of one ``predict`` call: PNG writes (on the pool, a bounded number in flight), and
-    results.csv / results.json streamed to temporary files, renamed into place by :meth:`finish`."""
+def _named(paths: Iterable[Path], base: Path) -> Iterator[tuple[int, Path, Path]]:
+    """(index, path, output stem) in input order: named after the input (``sub/a.png`` -> ``sub/a``); of
+    two inputs that differ only in their extension, the later keeps it. Every rank names every input, so
+    that the names do not depend on how the inputs were sharded."""
+    used: set[str] = set()
+    for i, path in enumerate(paths):
+        rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
+        stem = rel.with_suffix("")
+        if str(stem) in used:
+            stem = rel
+        used.add(str(stem))
+        yield i, path, stem
 
-    def __init__(self, out: Path, base: Path, pool: ThreadPoolExecutor | None, in_flight: int, output_size: str,
-                 model_hw: tuple[int, int], pixel_thr: float | None):
-        self.out, self.base, self.pool, self.in_flight = out, base, pool, in_flight
+
+class _Results:
+    """The outputs of one ``predict`` call (of one rank, under torchrun): PNG writes (on the pool, a bounded
+    number in flight), and the rows streamed to temporary files, put in place by :meth:`finish` (merged by
+    rank 0 under torchrun)."""
+
+    def __init__(self, out: Path, pool: ThreadPoolExecutor | None, in_flight: int, output_size: str,
+                 model_hw: tuple[int, int], pixel_thr: float | None, dist: Dist):
+        self.out, self.pool, self.in_flight, self.dist = out, pool, in_flight, dist
         self.output_size, self.model_hw, self.pixel_thr = output_size, model_hw, pixel_thr
         self.writes: deque = deque()
-        self.used: set[str] = set()  # output names given so far: none is written twice
         self.skipped: list[dict] = []
         self.n_done = self.n_defect = 0
-        self.csv_tmp, self.json_tmp = out / ".results.csv.tmp", out / ".results.json.tmp"
-        self.fcsv = open(self.csv_tmp, "w", newline="")
-        self.fjson = open(self.json_tmp, "w")
-        self.csv = csv.writer(self.fcsv)
-        self.csv.writerow(["file", "score", "decision", "overlay", "mask", "height", "width"])
-        self.fjson.write('{"results": [\n')
+        self.rows_tmp = out / f".results.rank{dist.rank}.jsonl.tmp"
+        self.frows = open(self.rows_tmp, "w")
 
-    def _names(self, path: Path) -> tuple[Path, Path]:
-        """Overlay and mask paths named after the input (``sub/a.png`` -> ``overlays/sub/a.png``); of two inputs
-        that differ only in their extension, the later keeps it."""
-        rel = path.relative_to(self.base) if path.is_relative_to(self.base) else Path(path.name)
-        stem = rel.with_suffix("")
-        if str(stem) in self.used:
-            stem = rel
-        self.used.add(str(stem))
+    def add(self, index: int, path: Path, stem: Path, img: np.ndarray, in_hw: tuple[int, int], pred) -> None:
         over_path, mask_path = self.out / "overlays" / f"{stem}.png", self.out / "masks" / f"{stem}.png"
         over_path.parent.mkdir(parents=True, exist_ok=True)
         mask_path.parent.mkdir(parents=True, exist_ok=True)
-        return over_path, mask_path
-
-    def add(self, path: Path, img: np.ndarray, in_hw: tuple[int, int], pred) -> None:
-        over_path, mask_path = self._names(path)
         job = (over_path, mask_path, path, img, pred.map, in_hw if self.output_size == "input" else self.model_hw,
                self.pixel_thr)
         if self.pool is None:
@@ -148,24 +155,53 @@ class _Results:
         row = {"file": str(path), "score": pred.score, "decision": "defect" if pred.is_defect else "ok",
                "overlay": str(over_path.relative_to(self.out)), "mask": str(mask_path.relative_to(self.out)),
                "height": in_hw[0], "width": in_hw[1]}
-        self.csv.writerow(row.values())
-        self.fjson.write(("" if self.n_done == 0 else ",\n") + json.dumps(row))
+        self.frows.write(json.dumps({"index": index, "row": row}) + "\n")
         self.n_done += 1
         self.n_defect += bool(pred.is_defect)
 
+    def skip(self, index: int, path: Path, reason: str) -> None:
+        self.skipped.append({"file": str(path), "reason": reason})
+        self.frows.write(json.dumps({"index": index, "skipped": self.skipped[-1]}) + "\n")
+
     def finish(self, image_thr: float, pixel_thr: float | None) -> None:
-        """Every PNG on disk, then the results files put in place."""
+        """Every PNG on disk, then (on rank 0, once every rank is done) results.csv and results.json
+        written from the rows of every rank, in input order."""
         while self.writes:
             self.writes.popleft().result()
-        self.fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": {json.dumps(pixel_thr)},\n'
-                         + f'"skipped": {json.dumps(self.skipped, indent=1)}}}\n')
         self.close()
-        os.replace(self.csv_tmp, self.out / "results.csv")
-        os.replace(self.json_tmp, self.out / "results.json")
+        barrier(self.dist)
+        if not self.dist.main:
+            return
+        parts = [self.out / f".results.rank{r}.jsonl.tmp" for r in range(self.dist.world_size)]
+        files = [open(p) for p in parts]
+        self.skipped, self.n_done, self.n_defect = [], 0, 0
+        csv_tmp, json_tmp = self.out / ".results.csv.tmp", self.out / ".results.json.tmp"
+        try:  # each rank's rows are in input order: a streaming merge keeps memory bounded
+            with open(csv_tmp, "w", newline="") as fcsv, open(json_tmp, "w") as fjson:
+                writer = csv.writer(fcsv)
+                writer.writerow(["file", "score", "decision", "overlay", "mask", "height", "width"])
+                fjson.write('{"results": [\n')
+                for e in heapq.merge(*(map(json.loads, f) for f in files), key=lambda e: e["index"]):
+                    if "skipped" in e:
+                        self.skipped.append(e["skipped"])
+                        continue
+                    row = e["row"]
+                    writer.writerow(row.values())
+                    fjson.write(("" if self.n_done == 0 else ",\n") + json.dumps(row))
+                    self.n_done += 1
+                    self.n_defect += row["decision"] == "defect"
+                fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": '
+                            f'{json.dumps(pixel_thr)},\n"skipped": {json.dumps(self.skipped, indent=1)}}}\n')
+        finally:
+            for f in files:
+                f.close()
+        os.replace(csv_tmp, self.out / "results.csv")
+        os.replace(json_tmp, self.out / "results.json")
+        for p in parts:
+            p.unlink()
 
     def close(self) -> None:
-        self.fcsv.close()
-        self.fjson.close()
+        self.frows.close()
 
 
 def _check_args(output_size: str, batch_size: int, workers: int) -> None:
@@ -182,31 +218,40 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
                 precision: str = "auto", overwrite: bool = False, progress: bool = True,
                 backend: str = "auto", compile: str = "auto", workers: int = -1, output_size: str = "input") -> int:
     """``workers``: threads for reading and writing images (-1: :func:`destseg.device.io_workers`; 0: none);
-    ``output_size``: overlays and masks at each ``input`` image's size or at the ``model``'s."""
+    ``output_size``: overlays and masks at each ``input`` image's size or at the ``model``'s. Under torchrun
+    the inputs are sharded over the processes (module docstring)."""
     _check_args(output_size, batch_size, workers)
+    dist = init_distributed(device)
+    if dist.active and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{dist.local_rank}"
     det = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
     image_thr, pixel_thr = in_force(det.thresholds, threshold, pixel_threshold)
     if image_thr is None:
         raise DestsegError(f"{run_dir}: no stored threshold (run `destseg test` first) and no --threshold given")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DestsegError(f"{out}: output folder exists and is not empty; pass --overwrite")
+    barrier(dist)  # every rank has checked OUT before any writes there
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     base, paths = iter_inputs(input_spec)
+    mine = ((i, p, stem) for i, p, stem in _named(paths, base) if i % dist.world_size == dist.rank)
     size = det.config.image_size
     workers = io_workers(det.device) if workers < 0 else workers
-    bar = tqdm(total=_count(input_spec), desc="predict", unit="img", disable=not progress)
+    total = _count(input_spec)
+    bar = tqdm(total=None if total is None else len(range(dist.rank, total, dist.world_size)), desc="predict",
+               unit="img", disable=not progress or not dist.main)
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-io") if workers > 0 else None
-    results = _Results(out, base, pool, 4 * batch_size, output_size, hw(size), pixel_thr)
+    results = _Results(out, pool, 4 * batch_size, output_size, hw(size), pixel_thr, dist)
     try:
         batch = []
-        for path, img, error, in_hw in _ordered(pool, lambda p: _load(p, size), paths, 2 * batch_size):
+        for (index, stem), (path, img, error, in_hw) in _ordered(pool, lambda x: ((x[0], x[2]), _load(x[1], size)),
+                                                                 mine, 2 * batch_size):
             if error is not None:
-                results.skipped.append({"file": str(path), "reason": error})
+                results.skip(index, path, error)
                 bar.update(1)
                 continue
-            batch.append((path, img, in_hw))
+            batch.append((index, path, stem, img, in_hw))
             if len(batch) == batch_size:
                 _score(det, batch, image_thr, results, bar)
                 batch = []
@@ -215,16 +260,18 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
         results.finish(image_thr, pixel_thr)
     finally:
         results.close()
+        for part in out.glob(".results.rank*.jsonl.tmp") if not dist.active else []:
+            part.unlink()  # a failed single-process run leaves no partial rows behind
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    return _summary(results, out, time.perf_counter() - t0)
+    return _summary(results, out, time.perf_counter() - t0) if dist.main else 0
 
 
 def _score(det: Detector, batch: list, image_thr: float, results: _Results, bar) -> None:
-    preds = det.predict_batch([img for _, img, _ in batch], threshold=image_thr)
-    for (path, img, in_hw), pred in zip(batch, preds):
-        results.add(path, img, in_hw, pred)
+    preds = det.predict_batch([img for *_, img, _ in batch], threshold=image_thr)
+    for (index, path, stem, img, in_hw), pred in zip(batch, preds):
+        results.add(index, path, stem, img, in_hw, pred)
     bar.update(len(batch))
 
 

@@ -6,7 +6,9 @@ Every inference path (test, predict, serve, export, OpenVINO, the Python API) re
     RUN/config.json      model name and config, data source, training options, what the library resolved
     RUN/checkpoint.pt    the one self-describing checkpoint (latest state; final weights when finished)
     RUN/train.log        one JSON line per logged step
-    RUN/thresholds.json  decision thresholds (destseg.thresholds)
+    RUN/thresholds.json  decision thresholds (destseg.thresholds); RUN/thresholds-history/ the earlier ones
+    RUN/calibration.json the good images the thresholds were set on: their scores and largest map values
+    RUN/feedback/        images a person marked as false alarms or missed defects (destseg.feedback)
     RUN/metrics.json     the metrics of ``destseg test``
     RUN/openvino/        the OpenVINO IR, exported on first use
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from functools import cached_property
 from pathlib import Path
 
@@ -31,7 +34,8 @@ from destseg.thresholds import read_thresholds, write_thresholds
 # undertrained by ``destseg test`` and its report.
 UNDERTRAINED_FRACTION = 0.5
 
-RUN_FILES = ("checkpoint.pt", "train.log", "metrics.json", "thresholds.json", "config.json")
+RUN_FILES = ("checkpoint.pt", "train.log", "metrics.json", "thresholds.json", "config.json", "calibration.json")
+RUN_DIRS = ("thresholds-history", "feedback")  # results of a run's use, removed with it by --overwrite
 
 
 class Run:
@@ -100,6 +104,8 @@ class Run:
                                    "continue it or --overwrite to replace it")
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(self.path / name, ignore_errors=True)
 
     # -- checkpoint and model
     def checkpoint(self, expected_model: str | None = None) -> dict:
@@ -113,8 +119,24 @@ class Run:
     def thresholds(self) -> dict | None:
         return read_thresholds(self.path)
 
-    def write_thresholds(self, thresholds: dict) -> None:
-        write_thresholds(self.path, thresholds)
+    def write_thresholds(self, thresholds: dict) -> dict:
+        return write_thresholds(self.path, thresholds)
+
+    def calibration(self) -> dict | None:
+        """RUN/calibration.json: ``files``, ``scores`` and ``peaks`` (largest map value) of the good images
+        the thresholds were set on, and ``what`` they are; None for a run written before it existed."""
+        path = self.path / "calibration.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DestsegError(f"{path}: invalid JSON ({exc})") from None
+
+    def write_calibration(self, files, scores, peaks, what: str) -> None:
+        payload = {"what": what, "files": [str(f) for f in files], "scores": [float(s) for s in scores],
+                   "peaks": [float(p) for p in peaks]}
+        atomic_write_text(self.path / "calibration.json", json.dumps(payload) + "\n")
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_text(self.path / "metrics.json", json.dumps(metrics, indent=2) + "\n")

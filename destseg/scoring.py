@@ -34,7 +34,9 @@ def batches(model, dataset, device: torch.device, dtype, batch_size: int, worker
     model.eval()
     try:
         for data in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-            x = data["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = data["image"].to(device, non_blocking=True)
+            if modes:  # a torch model: its CPU and GPU kernels want channels_last (another engine, its own layout)
+                x = x.contiguous(memory_format=torch.channels_last)
             t0 = time.perf_counter()
             with autocast(device, dtype):
                 out = model(x)

@@ -1,8 +1,12 @@
 """``destseg serve``: an HTTP service (FastAPI + uvicorn) around one loaded run, with micro-batching.
 
 Endpoints: ``POST /predict`` (the image as the raw body with an ``image/*`` content type, or as the
-multipart field ``file``; query ``threshold``, ``overlay``, ``mask``, ``output_size``), ``GET /health``,
-and ``GET /``, a page to drop images on. Concurrent requests are gathered into batches of up to ``max_batch`` images,
+multipart field ``file``; query ``threshold``, ``overlay``, ``mask``, ``output_size``; the answer's ``id``
+names the decision), ``GET /recent`` (the last decisions, with thumbnails), ``POST /feedback`` (JSON ``{"id",
+"kind"}`` with kind ``false_alarm`` or ``missed_defect``, or an image upload with query ``kind``: kept in
+RUN/feedback/), ``POST /recalibrate`` (thresholds refit with the feedback, destseg.feedback), ``GET /health``
+(with the thresholds in force since when, and the drift check of the recent scores, destseg.drift), and
+``GET /``, a page to drop images on and mark decisions. Concurrent requests are gathered into batches of up to ``max_batch`` images,
 waiting at most ``max_wait_ms`` for the batch to fill, and run one batch at a time. Every bad request gets
 a 4xx JSON ``{"error": ...}`` naming the problem; the service keeps serving.
 """
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import html
 import time
+import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,9 +33,11 @@ except ImportError:  # checked with a clear message in serve()
     FastAPI = Request = HTMLResponse = JSONResponse = None
 
 from destseg.data.images import decode_rgb, hw, resize_map, resize_rgb
+from destseg.drift import DriftMonitor
 from destseg.errors import DestsegError, ImageError
+from destseg.feedback import KINDS, add_feedback, read_feedback, recalibrate
 from destseg.infer import Detector, Prediction
-from destseg.thresholds import in_force
+from destseg.thresholds import in_force, utc_now
 from destseg.visualize import png_b64, threshold_mask, threshold_overlay
 
 
@@ -100,9 +108,10 @@ class MicroBatcher:
 
 
 def create_app(detector: Detector, max_batch: int = 16, max_wait_ms: float = 5.0,
-               max_bytes: int = 20 * 1024 * 1024, run_name: str = "run"):
-    """The FastAPI application serving ``detector``."""
-    service = _Service(detector, MicroBatcher(detector, max_batch, max_wait_ms / 1000), max_bytes, run_name)
+               max_bytes: int = 20 * 1024 * 1024, run_name: str = "run", recent: int = 50, drift_window: int = 200):
+    """The FastAPI application serving ``detector``; ``recent``: decisions kept for feedback."""
+    service = _Service(detector, MicroBatcher(detector, max_batch, max_wait_ms / 1000), max_bytes, run_name,
+                       recent, drift_window)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -115,6 +124,9 @@ def create_app(detector: Detector, max_batch: int = 16, max_wait_ms: float = 5.0
     app.get("/health")(service.health)
     app.get("/", response_class=HTMLResponse)(service.page)
     app.post("/predict")(service.predict)
+    app.get("/recent")(service.recent_decisions)
+    app.post("/feedback")(service.feedback)
+    app.post("/recalibrate")(service.recalibrate)
     return app
 
 
@@ -125,21 +137,32 @@ def _error(status: int, message: str) -> JSONResponse:
 class _Service:
     """The endpoints of one served run."""
 
-    def __init__(self, detector: Detector, batcher: MicroBatcher, max_bytes: int, run_name: str):
+    def __init__(self, detector: Detector, batcher: MicroBatcher, max_bytes: int, run_name: str,
+                 recent: int = 50, drift_window: int = 200):
         self.detector, self.batcher, self.max_bytes, self.run_name = detector, batcher, max_bytes, run_name
-        self.thresholds = detector.thresholds or {}
-        self.image_thr, self.pixel_thr = in_force(self.thresholds)
+        self._set_thresholds(detector.thresholds or {})
+        self.recent: deque[dict] = deque(maxlen=recent)  # the last decisions, their image at the model's size
+        calibration = detector.run.calibration() if detector.run else None
+        self.drift = DriftMonitor(calibration["scores"] if calibration else [], window=drift_window)
         self.page_html = resources.files("destseg").joinpath("serve_page.html").read_text().replace(
             "__RUN__", html.escape(run_name))
 
+    def _set_thresholds(self, thresholds: dict) -> None:
+        self.thresholds = thresholds
+        self.image_thr, self.pixel_thr = in_force(thresholds)
+
     async def health(self):
         d = self.detector
+        feedback = read_feedback(d.run.path) if d.run else []
+        drift = self.drift.state()
         return {"status": "ok", "run": self.run_name, "model": d.model_name, "teacher": d.config.teacher,
                 "image_size": d.config.image_size, "device": str(d.device),
                 "precision": getattr(d.model, "precision", "fp32" if d.dtype is None else "bf16"),
                 "threshold": self.image_thr, "threshold_source": self.thresholds.get("source"),
-                "threshold_method": self.thresholds.get("method"),
-                "batches": self.batcher.batches, "images": self.batcher.images}
+                "threshold_method": self.thresholds.get("method"), "pixel_threshold": self.pixel_thr,
+                "thresholds_since": self.thresholds.get("since"),
+                "feedback": {k: sum(e["kind"] == k for e in feedback) for k in KINDS},
+                "drift": drift, "batches": self.batcher.batches, "images": self.batcher.images}
 
     async def page(self):
         return self.page_html
@@ -174,11 +197,76 @@ class _Service:
                   "timing_ms": {"decode": decode_ms, **{k: v for k, v in timing.items() if k != "batch_size"}},
                   "batch_size": timing["batch_size"]}
         result["decision"] = None if thr is None else ("defect" if result["is_defect"] else "ok")
+        result["id"] = self._remember(image, name, pred.score, result["decision"])
+        self.drift.add(pred.score)
         if overlay or mask:  # resizing and PNG encoding off the event loop: a large frame takes a while
             out_hw = (image.height, image.width) if output_size == "input" else hw(self.detector.config.image_size)
             result.update(await asyncio.get_running_loop().run_in_executor(
                 None, _images, image, pred.map, out_hw, overlay, mask, self.pixel_thr))
         result["timing_ms"]["total"] = 1000 * (time.perf_counter() - t0)
+        return result
+
+    def _remember(self, image, name: str, score: float, decision: str | None) -> str:
+        key = uuid.uuid4().hex[:12]
+        self.recent.append({"id": key, "name": name, "time": utc_now(), "score": score, "decision": decision,
+                            "image": resize_rgb(image, self.detector.config.image_size), "feedback": None})
+        return key
+
+    async def recent_decisions(self):
+        """The last decisions, newest first, each with a small thumbnail and any feedback given."""
+        def row(r):
+            thumb = np.asarray(Image.fromarray(r["image"]).resize((96, 96), Image.BILINEAR))
+            return {**{k: v for k, v in r.items() if k != "image"}, "thumbnail_png": png_b64(thumb)}
+
+        rows = list(self.recent)[::-1]
+        return {"recent": await asyncio.get_running_loop().run_in_executor(None, lambda: [row(r) for r in rows]),
+                "threshold": self.image_thr, "thresholds_since": self.thresholds.get("since")}
+
+    async def feedback(self, request: Request, kind: str | None = None):
+        """Mark a recent decision (JSON ``{"id", "kind"}``) or an uploaded image (query ``kind``)."""
+        if self.detector.run is None:
+            return _error(409, "this service has no run directory to keep feedback in")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            try:
+                body = await request.json()
+                key, kind = body["id"], body["kind"]
+            except (ValueError, KeyError, TypeError):
+                return _error(400, 'feedback JSON must be {"id": "...", "kind": "false_alarm" or "missed_defect"}')
+            if kind not in KINDS:
+                return _error(400, f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
+            match = [r for r in self.recent if r["id"] == key]
+            if not match:
+                return _error(404, f"no recent decision with id {key!r} (the service keeps the last "
+                                   f"{self.recent.maxlen}); send the image itself with ?kind=")
+            r = match[0]
+            image, name, score = r["image"], r["name"], r["score"]
+            r["feedback"] = kind
+        else:
+            if kind not in KINDS:
+                return _error(400, f"query kind must be one of {', '.join(KINDS)} (got {kind!r})")
+            upload = await self._upload(request)
+            if isinstance(upload, JSONResponse):
+                return upload
+            try:
+                image = decode_rgb(*upload)
+            except ImageError as exc:
+                return _error(400, str(exc))
+            name, score = upload[1], None
+        entry = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: add_feedback(self.detector.run.path, image, kind, name, score))
+        return entry
+
+    async def recalibrate(self):
+        """Refit the thresholds on the good images plus the false alarms; the new ones are in force at once."""
+        if self.detector.run is None:
+            return _error(409, "this service has no run directory to recalibrate")
+        try:  # on the model's own thread: the model is never run by two threads at once
+            result = await asyncio.get_running_loop().run_in_executor(self.batcher.executor, recalibrate,
+                                                                      self.detector)
+        except DestsegError as exc:
+            return _error(409, str(exc))
+        self._set_thresholds(result["after"])
         return result
 
     async def _upload(self, request: Request) -> tuple[bytes, str] | JSONResponse:
@@ -244,7 +332,7 @@ async def _multipart_file(request, body: bytes) -> tuple[bytes | None, str]:
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", precision: str = "auto",
           max_batch: int = 16, max_wait_ms: float = 5.0, max_bytes: int = 20 * 1024 * 1024,
-          backend: str = "auto", compile: str = "auto") -> int:
+          backend: str = "auto", compile: str = "auto", drift_window: int = 200) -> int:
     """Load the run once and serve it until interrupted."""
     import socket
 
@@ -266,7 +354,9 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "aut
         except OSError as exc:
             raise DestsegError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
     detector = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
-    app = create_app(detector, max_batch, max_wait_ms, max_bytes, run_name=str(run_dir))
+    if drift_window < 10:
+        raise DestsegError(f"--drift-window must be at least 10 images (got {drift_window})")
+    app = create_app(detector, max_batch, max_wait_ms, max_bytes, run_name=str(run_dir), drift_window=drift_window)
     thr = (detector.thresholds or {}).get("image")
     print(f"destseg: serving {run_dir} on http://{host}:{port} (threshold "
           f"{'none' if thr is None else f'{thr:.4g}'}; Ctrl-C stops)", flush=True)

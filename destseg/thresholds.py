@@ -2,9 +2,10 @@
 a split without defects) or F1-max on a labelled test split, and which threshold is in force.
 
 RUN/thresholds.json holds the thresholds in force (``image``, ``pixel``), where they came from (``source``:
-``good_images`` or ``test_split``, and ``method`` in words) and, once ``destseg test`` has refined them, the
-good-image thresholds from training under ``good_images``. Good-image thresholds state their guarantee:
-``n_images``, ``fpr_target`` and ``fpr_bound``.
+``good_images`` or ``test_split``, and ``method`` in words), since when (``since``, UTC) and, once ``destseg
+test`` has refined them, the good-image thresholds from training under ``good_images``. Good-image thresholds
+state their guarantee: ``n_images``, ``fpr_target`` and ``fpr_bound``. Every thresholds.json replaced is kept
+in RUN/thresholds-history/ (named by its ``since``), so a decision can be traced to the thresholds it used.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +39,12 @@ def images_needed(fpr: float) -> int:
 
 
 def conformal_threshold(scores: np.ndarray, fpr: float) -> float:
-    """The k-th smallest score (``conformal_rank``), or the largest when k > n."""
+    """Just above the k-th smallest score (``conformal_rank``; the largest when k > n): the decisions
+    ``score >= threshold`` then flag exactly the scores above it, so a good image of the calibration set (or
+    a false alarm added to it) is never called defect by its own threshold. A float32 value (the next one
+    above), as the model's scores and maps are: compared with float32 arrays it stays what it is."""
     s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
-    return float(s[min(conformal_rank(len(s), fpr), len(s)) - 1])
+    return float(np.nextafter(np.float32(s[min(conformal_rank(len(s), fpr), len(s)) - 1]), np.float32(np.inf)))
 
 
 def good_image_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what: str) -> dict:
@@ -80,15 +85,41 @@ def in_force(stored: dict | None, image: float | None = None, pixel: float | Non
     return image, pixel
 
 
-def write_thresholds(run_dir: Path, thresholds: dict) -> None:
-    """Write RUN/thresholds.json; test-split thresholds keep the good-image ones beside them."""
+HISTORY = "thresholds-history"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def write_thresholds(run_dir: Path, thresholds: dict) -> dict:
+    """Write RUN/thresholds.json (stamped ``since`` now) and return what was written; test-split thresholds
+    keep the good-image ones beside them; the file replaced is moved to RUN/thresholds-history/."""
     path = Path(run_dir) / "thresholds.json"
-    if thresholds.get("source") == "test_split" and path.is_file():
-        previous = read_thresholds(run_dir) or {}
+    previous = read_thresholds(run_dir) if path.is_file() else None
+    if thresholds.get("source") == "test_split" and previous:
         good = previous if previous.get("source") == "good_images" else previous.get("good_images")
         if good:
             thresholds = {**thresholds, "good_images": good}
+    thresholds = {**thresholds, "since": utc_now()}
+    if previous is not None:
+        old = Path(run_dir) / HISTORY / f"thresholds-{_stamp(previous, path)}.json"
+        if not old.exists():
+            atomic_write_text(old, path.read_text())
     atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
+    return thresholds
+
+
+def _stamp(thresholds: dict, path: Path) -> str:
+    """A file-name-safe time for a thresholds.json: its ``since``, or (written before ``since`` existed)
+    its modification time."""
+    since = thresholds.get("since") or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()
+    return "".join(c if c.isalnum() else "-" for c in since)
+
+
+def threshold_history(run_dir: Path) -> list[Path]:
+    """The thresholds.json files a run used before the one in force, oldest first."""
+    return sorted((Path(run_dir) / HISTORY).glob("thresholds-*.json"))
 
 
 def read_thresholds(run_dir: Path) -> dict | None:

@@ -251,7 +251,7 @@ def train(run_dir: Path | str, model_name: str | None = None, config=None, data:
     try:
         loop.run(stages, setup.train_dataset(), setup.workers, setup.augment(), setup.validation_dataset())
         if dist.main:
-            thresholds = _thresholds(model, split, config, device, dtype, options.threshold_fpr)
+            thresholds = _thresholds(run, model, split, config, device, dtype, options.threshold_fpr)
             run.write_thresholds(thresholds)
             loop.log({"step": loop.step, "thresholds": thresholds})
             _record_training(run, loop)
@@ -360,14 +360,16 @@ def _announce(run: Run, resolved: dict) -> None:
         f.write(json.dumps({"resolved": resolved, "schedule": resolved["schedule"]}) + "\n")
 
 
-def _thresholds(model, split: Split, config, device, dtype, fpr: float) -> dict:
-    """Thresholds at false-positive rate ``fpr`` from the final model's scores of good images."""
+def _thresholds(run: Run, model, split: Split, config, device, dtype, fpr: float) -> dict:
+    """Thresholds at false-positive rate ``fpr`` from the final model's scores of good images, which are kept
+    in RUN/calibration.json (for recalibration and the drift check)."""
     held_out = bool(split.threshold)
     paths = split.threshold or split.train
     dataset = TestDataset([TestSample(p, 0, None, "good") for p in paths], config.image_size,
                           backbone_spec(config.teacher).normalize)
     scores, maps = score_images(model, dataset, device, dtype, config.batch_size)
     what = "good training images held out of training" if held_out else "training images (seen in training)"
+    run.write_calibration(paths, scores, np.asarray(maps).reshape(len(paths), -1).max(axis=1), what)
     return good_image_thresholds(scores, maps, fpr, what)
 
 

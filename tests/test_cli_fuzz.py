@@ -121,6 +121,8 @@ def test_fuzzed_argv_never_ends_in_a_traceback(world, no_work, tmp_path):
     (["evaluate", "--predictions", "{file}"], "cannot read predictions"),
 ])
 def test_user_errors_are_named_before_any_work(world, no_work, argv, words):
+    # a path the fuzz above never saw: it may have created world["missing"] (benchmark --out makes its folder)
+    world = {**world, "missing": str(Path(world["missing"]).parent / "never-created")}
     result, err = run_cli([a.format(**world) for a in argv])
     assert result == 2 and "destseg: error:" in err and words in err, err
 

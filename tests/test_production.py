@@ -14,6 +14,7 @@ from PIL import Image
 from destseg.cli import main
 from destseg.data import scan_mvtec
 from destseg.device import autocast_dtype, describe_cpu
+from destseg.errors import DestsegError
 from destseg.infer import Detector, evaluate_run
 from destseg.models import model_config
 from destseg.train import DataSource, TrainOptions, train
@@ -420,3 +421,49 @@ def test_overlay_scale_is_fixed_by_the_threshold_not_by_the_image():
     assert a[2, 2].tolist() == [60, 127, 60]  # the threshold is the scale's green middle, half-blended
     assert threshold_overlay(black, hot, None)[2, 2].tolist() != a[2, 2].tolist()  # no threshold: the map's max
     assert threshold_mask(hot, 0.31).tolist()[0][:2] == [255, 0]
+
+
+def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny_run, monkeypatch):
+    """--precision int8: OpenVINO runs an NNCF-quantised copy of the run's IR, calibrated on its good training
+    images (never the test images), made once and cached."""
+    pytest.importorskip("nncf")
+    from destseg.data import TestDataset
+
+    run, root = tiny_run
+    seen = []
+    real_getitem = TestDataset.__getitem__
+    monkeypatch.setattr(TestDataset, "__getitem__", lambda self, i: (seen.append(self.samples[i].path),
+                                                                     real_getitem(self, i))[1])
+    det = Detector.load(run, precision="int8")
+    assert det.model.precision == "int8" and (run / "openvino" / "int8" / "model.xml").is_file()
+    assert seen and {p.parent.name for p in seen} == {"good"} and all("train" in p.parts for p in seen)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((root / "widget" / "test").rglob("*.png"))]
+    q = det.predict_batch(images)
+    f = Detector.load(run, precision="fp32", backend="torch").predict_batch(images)
+    scale = max(float(np.abs(p.map).max()) for p in f)
+    assert max(float(np.abs(a.map - b.map).max()) for a, b in zip(q, f)) < 0.2 * scale
+    seen.clear()
+    Detector.load(run, precision="int8")
+    assert not seen  # cached: no second calibration
+    with pytest.raises(DestsegError, match="int8 runs on the OpenVINO backend"):
+        Detector.load(run, precision="int8", backend="torch")
+
+
+def test_backend_auto_is_openvino_on_a_cpu_and_falls_back_to_torch_with_a_warning(tiny_run, monkeypatch):
+    import destseg.openvino_ir as ovir
+    from destseg.device import CompiledModel
+    from destseg.openvino_ir import OpenVINOModel
+
+    run, _ = tiny_run
+    assert isinstance(Detector.load(run).model, OpenVINOModel)  # the default on a CPU with openvino installed
+    assert isinstance(Detector.load(run, compile="on").model, CompiledModel)  # torch.compile asks for torch
+
+    def cannot_compile(*a, **k):
+        raise RuntimeError("Exception from plugin.cpp:\nSupported primitive descriptors list is empty")
+
+    monkeypatch.setattr(ovir, "OpenVINOModel", cannot_compile)
+    with pytest.warns(UserWarning, match="OpenVINO could not take this run .*running it in PyTorch"):
+        det = Detector.load(run)
+    assert isinstance(det.model, torch.nn.Module)
+    with pytest.raises(DestsegError, match="OpenVINO could not run it .*descriptors list is empty"):
+        Detector.load(run, backend="openvino")

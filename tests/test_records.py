@@ -58,7 +58,10 @@ def test_thresholds_record_their_guarantee_and_warn_when_too_few_images():
     with pytest.warns(UserWarning, match=r"21 good images cannot set a 0.01 .*99 good images are needed"):
         t = good_image_thresholds(scores, maps, 0.01, "held-out images")
     assert t["n_images"] == 21 and t["fpr_target"] == 0.01 and t["fpr_bound"] == pytest.approx(1 / 22)
-    assert t["image"] == scores.max() and t["pixel"] == maps.max()
+    # just above the largest: a calibration image is not called defect by its own threshold
+    up = np.float32(np.inf)
+    assert t["image"] == np.nextafter(np.float32(scores.max()), up) and t["pixel"] == np.nextafter(maps.max(), up)
+    assert not (scores >= t["image"]).any() and not (maps >= t["pixel"]).any()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # enough images: no warning
         t = good_image_thresholds(rng.normal(size=199), rng.normal(size=(199, 4, 4)), 0.01, "x")

@@ -221,8 +221,11 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
     assert cpu_steps(209) == (600, 300)  # MVTec bottle: the schedule measured in docs/RESULTS.md
     assert cpu_steps(54) == (300, 150) and cpu_steps(700) == (2010, 1005) and cpu_steps(10_000) == (2400, 1200)
     overrides, words = schedule_overrides("cpu", "destseg", 54)
-    assert overrides == {"teacher": "efficientnet_lite0", "batch_size": 16, "student_steps": 300, "steps": 450,
-                         "student_width": 32, "seg_width": 32} and "54 training images" in words
+    assert overrides == {"teacher": "efficientnet_lite0", "batch_size": 16, "student_steps": 300, "steps": 450} \
+        and "54 training images" in words
+    assert schedule_overrides("fast", "destseg", 54)[0] == {**overrides, "student_width": 32, "seg_width": 32}
+    fast_stfpm, words = schedule_overrides("fast", "stfpm", 54)  # no fast schedule: its cpu one, said so
+    assert fast_stfpm == schedule_overrides("cpu", "stfpm", 54)[0] and "no fast schedule" in words
     assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("2") == 120
     for bad in ("0", "-3m", "abc", "", "inf"):
         with pytest.raises(DestsegError, match="--time-budget"):

@@ -1,0 +1,316 @@
+"""``destseg watch``: score every image that appears in a folder (recursively) exactly once.
+
+The journal is OUT/results.csv itself: one row per scored image (file, score, decision, threshold, time,
+overlay, mask), appended per batch in one write and synced, after the batch's PNGs are on disk. On start the
+rows already there are the images already scored (a row cut by a kill is dropped and its image scored again,
+its PNGs rewritten), so a restart, Ctrl-C or kill -9 neither loses nor repeats an image. OUT/skipped.csv lists
+the files given up on, with the reason, the same way.
+
+A file is scored once it has stopped changing (size and modification time the same over ``settle_s``, or
+last modified longer ago than that). One that does not decode yet (a camera still writing it) is tried again
+on later scans; only when it has been unchanged for ``retry_s`` and still does not decode is it skipped as
+unreadable. ``once``: score what is ready and exit (for cron); files still being written are left for the
+next run. The thresholds are read again when RUN/thresholds.json changes (``destseg recalibrate``), and every
+batch updates the drift check (destseg.drift) in OUT/drift.json and OUT/watch.log.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from destseg.checkpoint import atomic_write_text
+from destseg.data.images import IMAGE_EXTENSIONS, hw
+from destseg.device import io_workers
+from destseg.drift import DriftMonitor
+from destseg.errors import DestsegError
+from destseg.infer import Detector
+from destseg.predict import _load, _write_pngs
+from destseg.thresholds import in_force, utc_now
+
+COLUMNS = ["file", "score", "decision", "threshold", "time", "overlay", "mask"]
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    since: float  # monotonic time the file was first seen with this size and mtime
+
+
+class Journal:
+    """A CSV file of rows appended per batch; the files it names are done. Memory holds the names of the
+    files done and the last ``tail`` rows, not every row."""
+
+    def __init__(self, path: Path, columns: list[str], tail: int = 0):
+        self.path, self.columns = path, columns
+        self.count = 0
+        self.files: set[str] = set()
+        self.tail: deque[dict] = deque(maxlen=tail)
+        if path.is_file():
+            _drop_cut_line(path)
+        if not path.is_file() or path.stat().st_size == 0:
+            self._write(",".join(columns) + "\n")
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != columns:
+                raise DestsegError(f"{path}: not written by `destseg watch` (columns {reader.fieldnames}, expected "
+                                   f"{columns}); choose another --out")
+            for row in reader:
+                self._keep(row)
+
+    def _keep(self, row: dict) -> None:
+        self.count += 1
+        self.files.add(row["file"])
+        self.tail.append(row)
+
+    def append(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        for r in rows:
+            writer.writerow([r[c] for c in self.columns])
+        self._write(buf.getvalue())
+        for r in rows:
+            self._keep(r)
+
+    def forget_except(self, present: set[str]) -> None:
+        """Drop from memory the names of files no longer in the input (a camera folder is cleaned out; a
+        file written again later under the same name is then a new image and is scored)."""
+        self.files &= present
+
+    def _write(self, text: str) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Truncate a file after its last newline: the line a kill cut short."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
+
+
+def output_name(rel: str) -> str:
+    """The PNG name of an input: ``a.png`` keeps its name, ``a.jpg`` becomes ``a.jpg.png`` (deterministic,
+    so that a restart writes the same files)."""
+    return rel if rel.lower().endswith(".png") else rel + ".png"
+
+
+class Watcher:
+    """The state of one ``watch``: what is done, what is waiting, the model and the outputs."""
+
+    def __init__(self, detector: Detector, input_dir: Path, out: Path, batch_size: int, settle_s: float,
+                 retry_s: float, output_size: str, workers: int, drift_window: int, log=print):
+        self.det, self.input_dir, self.out = detector, input_dir, out
+        self.batch_size, self.settle_s, self.retry_s, self.output_size = batch_size, settle_s, retry_s, output_size
+        self.log = log
+        self.results = Journal(out / "results.csv", COLUMNS, tail=drift_window)
+        self.skipped = Journal(out / "skipped.csv", ["file", "reason", "time"], tail=1)
+        self.seen: dict[str, _Seen] = {}
+        self.failed: dict[str, str] = {}  # file -> why it did not decode last time
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-watch") if workers > 0 else None
+        self.thresholds_mtime = None
+        self._reload_thresholds()
+        calibration = detector.run.calibration() if detector.run else None
+        self.drift = DriftMonitor(calibration["scores"] if calibration else [], window=drift_window)
+        for row in self.results.tail:
+            self.drift.add(float(row["score"]))
+        self.drift_state = self.drift.state()["state"]
+
+    def _reload_thresholds(self) -> None:
+        """Pick up RUN/thresholds.json again when it changed (a recalibration)."""
+        run = self.det.run
+        path = run.path / "thresholds.json" if run else None
+        mtime = path.stat().st_mtime_ns if path and path.is_file() else None
+        if mtime != self.thresholds_mtime:
+            if self.thresholds_mtime is not None:
+                self.det.thresholds = run.thresholds()
+                self.log(f"destseg watch: thresholds reloaded (since {self.det.thresholds.get('since')})")
+            self.thresholds_mtime = mtime
+        self.image_thr, self.pixel_thr = in_force(self.det.thresholds)
+        if self.image_thr is None:
+            raise DestsegError(f"{run.path if run else 'run'}: no stored threshold (run `destseg test` first)")
+
+    def scan(self) -> tuple[list[str], int]:
+        """(files ready to score, files still settling or retrying)."""
+        now, wall = time.monotonic(), time.time()
+        ready, waiting, present = [], 0, set()
+        for dirpath, dirnames, filenames in os.walk(self.input_dir):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                path = Path(dirpath) / name
+                rel = path.relative_to(self.input_dir).as_posix()
+                present.add(rel)
+                if rel in self.results.files or rel in self.skipped.files:
+                    continue
+                try:
+                    st = path.stat()
+                except OSError:  # gone between the listing and the stat
+                    continue
+                seen = self.seen.get(rel)
+                if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    seen = self.seen[rel] = _Seen(st.st_size, st.st_mtime_ns, now)
+                    self.failed.pop(rel, None)  # changed since it failed: try again
+                settled = now - seen.since >= self.settle_s or wall - st.st_mtime >= self.settle_s
+                if not settled or (rel in self.failed and not self._give_up(rel, st, now, wall)):
+                    waiting += 1
+                    continue
+                if rel in self.failed:  # unchanged for retry_s and still unreadable
+                    self.skipped.append([{"file": rel, "reason": self.failed.pop(rel), "time": utc_now()}])
+                    self.log(f"destseg watch: skipped {rel}: {self.skipped.tail[-1]['reason']}", file=sys.stderr)
+                    continue
+                ready.append(rel)
+        self.results.forget_except(present)
+        self.skipped.forget_except(present)
+        for gone in set(self.seen) - present:
+            del self.seen[gone]
+            self.failed.pop(gone, None)
+        return ready, waiting
+
+    def _give_up(self, rel: str, st, now: float, wall: float) -> bool:
+        return now - self.seen[rel].since >= self.retry_s or wall - st.st_mtime >= self.retry_s
+
+    def score(self, files: list[str]) -> int:
+        """Score ``files`` in batches; returns how many were scored (the rest failed to decode)."""
+        self._reload_thresholds()
+        size = self.det.config.image_size
+        done = 0
+        for i in range(0, len(files), self.batch_size):
+            chunk = files[i:i + self.batch_size]
+            paths = [self.input_dir / rel for rel in chunk]
+            loaded = list(self.pool.map(lambda p: _load(p, size), paths)) if self.pool else \
+                [_load(p, size) for p in paths]
+            good = []
+            for rel, (_, img, error, in_hw) in zip(chunk, loaded):
+                if error is None:
+                    good.append((rel, img, in_hw))
+                else:
+                    self.failed[rel] = error
+            if not good:
+                continue
+            preds = self.det.predict_batch([img for _, img, _ in good], threshold=self.image_thr)
+            jobs, rows = [], []
+            for (rel, img, in_hw), pred in zip(good, preds):
+                name = output_name(rel)
+                over, mask = self.out / "overlays" / name, self.out / "masks" / name
+                over.parent.mkdir(parents=True, exist_ok=True)
+                mask.parent.mkdir(parents=True, exist_ok=True)
+                out_hw = in_hw if self.output_size == "input" else hw(size)
+                jobs.append((over, mask, self.input_dir / rel, img, pred.map, out_hw, self.pixel_thr))
+                rows.append({"file": rel, "score": f"{pred.score:.6g}", "decision": "defect" if pred.is_defect else "ok",
+                             "threshold": f"{self.image_thr:.6g}", "time": utc_now(),
+                             "overlay": f"overlays/{name}", "mask": f"masks/{name}"})
+            if self.pool:
+                list(self.pool.map(lambda job: _write_pngs(*job), jobs))
+            else:
+                for job in jobs:
+                    _write_pngs(*job)
+            self.results.append(rows)  # the journal entry, once the PNGs are on disk
+            for pred in preds:
+                self.drift.add(pred.score)
+            self._report_drift(len(rows), sum(r["decision"] == "defect" for r in rows))
+            done += len(rows)
+        return done
+
+    def _report_drift(self, n: int, n_defect: int) -> None:
+        state = self.drift.state()
+        atomic_write_text(self.out / "drift.json", json.dumps(state, indent=1) + "\n")
+        with open(self.out / "watch.log", "a") as f:
+            f.write(json.dumps({"time": utc_now(), "scored": n, "defect": n_defect,
+                                "total": self.results.count, "drift": state}) + "\n")
+        if state["state"] != self.drift_state:
+            if state["state"] == "warning":
+                self.log(f"destseg watch: DRIFT WARNING: {state['above']} of the last {state['window']} scores "
+                         f"above the good images' reference (expected {state['expected_share']:.1%} of them; "
+                         f"p = {state['p_value']:.2g})", file=sys.stderr)
+            elif self.drift_state == "warning":
+                self.log("destseg watch: drift back to ok", file=sys.stderr)
+            self.drift_state = state["state"]
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True)
+
+
+def _check(input_dir: Path, interval: float, settle_s: float, retry_s: float, batch_size: int,
+           output_size: str, drift_window: int) -> None:
+    if not input_dir.is_dir():
+        raise DestsegError(f"--input {input_dir}: not a folder")
+    for flag, value, lo in (("--interval", interval, 0.05), ("--settle", settle_s, 0.0), ("--retry", retry_s, 0.0)):
+        if not lo <= value <= 86400:
+            raise DestsegError(f"{flag} must be between {lo} and 86400 seconds (got {value})")
+    if batch_size < 1:
+        raise DestsegError(f"--batch-size must be at least 1 (got {batch_size})")
+    if output_size not in ("input", "model"):
+        raise DestsegError(f"--output-size must be input or model (got {output_size!r})")
+    if drift_window < 10:
+        raise DestsegError(f"--drift-window must be at least 10 images (got {drift_window})")
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, settle_s: float = 1.0,
+          retry_s: float = 30.0, batch_size: int = 16, device: str = "auto", precision: str = "auto",
+          backend: str = "auto", compile: str = "auto", workers: int = -1, output_size: str = "input",
+          drift_window: int = 200) -> int:
+    """Watch ``input_dir`` until interrupted (or, with ``once``, until what is ready is scored)."""
+    input_dir, out = Path(input_dir), Path(out)
+    _check(input_dir, interval, settle_s, retry_s, batch_size, output_size, drift_window)
+    if workers < -1:
+        raise DestsegError(f"--workers must be -1 (automatic) or more (got {workers})")
+    detector = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
+    out.mkdir(parents=True, exist_ok=True)  # only once everything checked out
+    lock = open(out / ".watch.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise DestsegError(f"{out}: another `destseg watch` is writing there") from None
+    workers = io_workers(detector.device) if workers < 0 else workers
+    watcher = Watcher(detector, input_dir, out, batch_size, settle_s, retry_s, output_size, workers, drift_window)
+    signal.signal(signal.SIGTERM, _interrupt)
+    before = watcher.results.count
+    print(f"destseg watch: {input_dir} -> {out}/results.csv ({before} images already scored; threshold "
+          f"{watcher.image_thr:.4g}; {'once' if once else 'Ctrl-C stops'})", flush=True)
+    try:
+        while True:
+            ready, waiting = watcher.scan()
+            if ready:
+                n = watcher.score(ready)
+                print(f"destseg watch: {n} scored, {watcher.results.count} in all; drift "
+                      f"{watcher.drift_state}", flush=True)
+                continue  # scan again at once: more may have come meanwhile
+            if once:
+                if waiting:
+                    print(f"destseg watch: {waiting} file(s) still being written or not readable yet: left for "
+                          "the next run", flush=True)
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        print("destseg watch: stopped; run it again to go on where it stopped", file=sys.stderr)
+    finally:
+        watcher.close()
+        lock.close()
+    print(f"destseg watch: {watcher.results.count - before} images scored in this run, "
+          f"{watcher.skipped.count} skipped in all", flush=True)
+    return 0
