@@ -1,4 +1,11 @@
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +56,48 @@ def shared_bottle():
     if not (root / "bottle" / "train").is_dir():
         pytest.skip(f"shared MVTec bottle data not found at {root} (only on the project machines)")
     return root
+
+
+def chromium_paths():
+    return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+needs_chromium = pytest.mark.skipif(not all(chromium_paths()), reason="headless Chromium and chromedriver not "
+                                    "installed (Debian: apt-get install chromium chromium-driver)")
+
+
+@contextlib.contextmanager
+def served_page(run_dir, *serve_args, window="1100,900"):
+    """``destseg serve`` on a free port and a headless Chromium on its page: yields the selenium driver."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    server = subprocess.Popen([sys.executable, "-m", "destseg", "serve", "--run", str(run_dir), "--port", str(port),
+                               *serve_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        browser, driver_path = chromium_paths()
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = browser
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    f"--window-size={window}"):
+            opts.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+        try:
+            driver.get(f"http://127.0.0.1:{port}/")
+            yield driver
+        finally:
+            driver.quit()
+    finally:
+        server.terminate()
+        server.wait(10)

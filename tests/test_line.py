@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from destseg.models import model_config
 from destseg.thresholds import threshold_history
 from destseg.train import DataSource, TrainOptions, train
 
-from conftest import make_mvtec
+from conftest import make_mvtec, needs_chromium, served_page
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
@@ -274,16 +273,10 @@ def test_drift_shows_in_watch_for_a_brightness_shift_and_not_without(stfpm_run, 
         assert ("DRIFT WARNING" in r.stderr) == (expected == "warning")
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(not all(_chromium()), reason="headless Chromium and chromedriver not installed "
-                    "(Debian: apt-get install chromium chromium-driver)")
+@needs_chromium
 def test_page_marks_a_false_alarm_and_recalibrates_in_a_browser(line_run, tmp_path):
     """Click "False alarm" on a recent decision, then "Recalibrate": the image's decision turns OK."""
     pytest.importorskip("fastapi")
-    webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -294,54 +287,23 @@ def test_page_marks_a_false_alarm_and_recalibrates_in_a_browser(line_run, tmp_pa
     (run / "thresholds.json").write_text(json.dumps({**thr, "image": min(cal["scores"]) - 1e-3}))
     img = tmp_path / "part.png"
     Image.fromarray(good_images(1, seed=31)[0]).save(img)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "destseg", "serve", "--run", str(run), "--port", str(port),
-                               "--backend", "torch", "--device", "cpu", "--precision", "fp32"], env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-    try:
-        import urllib.request
-
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        browser, driver_path = _chromium()
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = browser
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1400"):
-            opts.add_argument(arg)
-        from selenium.webdriver.chrome.service import Service
-
-        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-        try:
-            driver.get(f"http://127.0.0.1:{port}/")
-            driver.find_element(By.ID, "file").send_keys(str(img))
-            wait = WebDriverWait(driver, 30)
-            row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#recent-rows tr"))[0]
-            assert row.find_element(By.CSS_SELECTOR, ".now").text == "defect"
-            row.find_element(By.CSS_SELECTOR, "button.false_alarm").click()
-            wait.until(lambda d: "1 false alarm" in d.find_element(By.ID, "fb-counts").text)
-            since_before = driver.find_element(By.ID, "thr-since").text
-            driver.find_element(By.ID, "recalibrate").click()
-            wait.until(lambda d: d.find_element(By.ID, "thr-since").text != since_before)
-            row = driver.find_elements(By.CSS_SELECTOR, "#recent-rows tr")[0]
-            assert row.find_element(By.CSS_SELECTOR, ".now").text == "ok"  # the marked image is OK now
-            assert "false alarm" in row.text
-            shot = tmp_path / "line-page.png"
-            driver.save_screenshot(str(shot))
-            assert shot.stat().st_size > 0
-            if os.environ.get("DESTSEG_SCREENSHOT"):  # docs/line-page.png is made this way
-                shutil.copy(shot, os.environ["DESTSEG_SCREENSHOT"])
-        finally:
-            driver.quit()
-    finally:
-        server.terminate()
-        server.wait(10)
+    with served_page(run, "--backend", "torch", "--device", "cpu", "--precision", "fp32",
+                     window="1100,1400") as driver:
+        driver.find_element(By.ID, "file").send_keys(str(img))
+        wait = WebDriverWait(driver, 30)
+        row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#recent-rows tr"))[0]
+        assert row.find_element(By.CSS_SELECTOR, ".now").text == "defect" and "part.png" in row.text
+        row.find_element(By.CSS_SELECTOR, "button.false_alarm").click()
+        wait.until(lambda d: "1 false alarm" in d.find_element(By.ID, "fb-counts").text)
+        since_before = driver.find_element(By.ID, "thr-since").text
+        driver.find_element(By.ID, "recalibrate").click()
+        wait.until(lambda d: d.find_element(By.ID, "thr-since").text != since_before)
+        row = driver.find_elements(By.CSS_SELECTOR, "#recent-rows tr")[0]
+        assert row.find_element(By.CSS_SELECTOR, ".now").text == "ok"  # the marked image is OK now
+        assert "false alarm" in row.text
+        shot = tmp_path / "line-page.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 0
     assert len(threshold_history(run)) == 1 and len(read_feedback(run)) == 1
 
 

@@ -2,13 +2,8 @@
 
 import base64
 import io
-import shutil
 import socket
 import struct
-import subprocess
-import sys
-import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +20,7 @@ from destseg.models import model_config  # noqa: E402
 from destseg.serve import create_app  # noqa: E402
 from destseg.train import DataSource, TrainOptions, train  # noqa: E402
 
-from conftest import make_mvtec  # noqa: E402
+from conftest import make_mvtec, needs_chromium, served_page  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -137,58 +132,23 @@ def test_serve_command_refuses_bad_flags_without_traceback(run_dir, tmp_path):
         assert main(["serve", "--run", str(run_dir), "--port", str(s.getsockname()[1])]) == 2
 
 
-def _chromium():
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return browser, driver
-
-
-@pytest.mark.skipif(not all(_chromium()), reason="headless Chromium and chromedriver not installed "
-                    "(Debian: apt-get install chromium chromium-driver)")
+@needs_chromium
 def test_page_in_a_browser_uploads_an_image_and_shows_the_result(run_dir, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "destseg", "serve", "--run", str(run_dir), "--port", str(port),
-                               "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        import httpx
-
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        browser, driver_path = _chromium()
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = browser
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,900"):
-            opts.add_argument(arg)
-        from selenium.webdriver.chrome.service import Service
-
-        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-        try:
-            driver.get(f"http://127.0.0.1:{port}/")
-            img = tmp_path / "part.png"
-            img.write_bytes(IMAGE)
-            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "threshold-value").get_attribute("value"))
-            driver.find_element(By.ID, "file").send_keys(str(img))
-            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "decision").text in ("ok", "defect"))
-            assert float(driver.find_element(By.ID, "score").text) >= 0
-            assert driver.find_element(By.ID, "overlay").get_attribute("src").startswith("data:image/png;base64,")
-            # Moving the threshold below the score flips the decision to defect, client-side.
-            driver.execute_script("setThreshold(-1)")
-            assert driver.find_element(By.ID, "decision").text == "defect"
-            shot = tmp_path / "page.png"
-            driver.save_screenshot(str(shot))
-            assert shot.stat().st_size > 0
-        finally:
-            driver.quit()
-    finally:
-        server.terminate()
-        server.wait(10)
-    threading.Event().wait(0)
+    with served_page(run_dir, "--precision", "fp32") as driver:
+        img = tmp_path / "part.png"
+        img.write_bytes(IMAGE)
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "threshold-value").get_attribute("value"))
+        driver.find_element(By.ID, "file").send_keys(str(img))
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "decision").text in ("ok", "defect"))
+        assert float(driver.find_element(By.ID, "score").text) >= 0
+        assert driver.find_element(By.ID, "overlay").get_attribute("src").startswith("data:image/png;base64,")
+        assert driver.find_element(By.ID, "name").text == "part.png"  # sent as multipart, with its name
+        # Moving the threshold below the score flips the decision to defect, client-side.
+        driver.execute_script("setThreshold(-1)")
+        assert driver.find_element(By.ID, "decision").text == "defect"
+        shot = tmp_path / "page.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 0
