@@ -119,6 +119,7 @@ class Watcher:
     def __init__(self, detector: Detector, input_dir: Path, out: Path, batch_size: int, settle_s: float,
                  retry_s: float, output_size: str, workers: int, drift_window: int, log=print):
         self.det, self.input_dir, self.out = detector, input_dir, out
+        self.out_resolved = out.resolve()
         self.batch_size, self.settle_s, self.retry_s, self.output_size = batch_size, settle_s, retry_s, output_size
         self.log = log
         self.results = Journal(out / "results.csv", COLUMNS, tail=drift_window)
@@ -153,7 +154,8 @@ class Watcher:
         now, wall = time.monotonic(), time.time()
         ready, waiting, present = [], 0, set()
         for dirpath, dirnames, filenames in os.walk(self.input_dir):
-            dirnames.sort()
+            # never into OUT (inside --input, its own overlays would come back as new images)
+            dirnames[:] = sorted(d for d in dirnames if (Path(dirpath) / d).resolve() != self.out_resolved)
             for name in sorted(filenames):
                 if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
@@ -216,8 +218,8 @@ class Watcher:
                 mask.parent.mkdir(parents=True, exist_ok=True)
                 out_hw = in_hw if self.output_size == "input" else hw(size)
                 jobs.append((over, mask, self.input_dir / rel, img, pred.map, out_hw, self.pixel_thr))
-                rows.append({"file": rel, "score": f"{pred.score:.6g}", "decision": "defect" if pred.is_defect else "ok",
-                             "threshold": f"{self.image_thr:.6g}", "time": utc_now(),
+                rows.append({"file": rel, "score": f"{pred.score:.9g}", "decision": "defect" if pred.is_defect else "ok",
+                             "threshold": f"{self.image_thr:.9g}", "time": utc_now(),
                              "overlay": f"overlays/{name}", "mask": f"masks/{name}"})
             if self.pool:
                 list(self.pool.map(lambda job: _write_pngs(*job), jobs))
@@ -225,6 +227,8 @@ class Watcher:
                 for job in jobs:
                     _write_pngs(*job)
             self.results.append(rows)  # the journal entry, once the PNGs are on disk
+            for r in rows:
+                self.seen.pop(r["file"], None)
             for pred in preds:
                 self.drift.add(pred.score)
             self._report_drift(len(rows), sum(r["decision"] == "defect" for r in rows))

@@ -155,6 +155,18 @@ def test_watch_waits_for_a_slow_writer_and_skips_a_corrupt_file(line_run, tmp_pa
     assert "skipped corrupt.png" in stderr
 
 
+def test_watch_does_not_score_its_own_outputs_when_out_is_inside_input(line_run, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i, x in enumerate(good_images(3, seed=8)):
+        Image.fromarray(x).save(inp / f"{i}.png")
+    for _ in range(2):
+        r = subprocess.run(watch_cmd(line_run, inp, inp / "results", "--once", "--settle", "0"), env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    assert sorted(row["file"] for row in rows(inp / "results")) == ["0.png", "1.png", "2.png"]
+
+
 def test_watch_refuses_a_second_watcher_and_bad_flags(line_run, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
