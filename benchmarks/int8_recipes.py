@@ -1,0 +1,56 @@
+"""int8 recipes on a trained run (under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 for an AVX2 CPU): NNCF
+defaults vs overflow_fix=ENABLE vs the MIXED preset, each evaluated on the run's test split through OpenVINO.
+
+    .venv/bin/python benchmarks/int8_recipes.py RUN WORKDIR   # RUN is copied into WORKDIR, its IR exported there
+"""
+import shutil
+import sys
+import time
+from pathlib import Path
+import numpy as np
+import nncf
+import openvino as ov
+from destseg.run import Run
+from destseg.openvino_ir import run_ir
+from destseg.data.datasets import TestDataset, TestSample
+from destseg.models.backbones import backbone_spec
+from destseg.metrics import evaluate
+
+src = Path(sys.argv[1]); work = Path(sys.argv[2]); work.mkdir(exist_ok=True)
+run_dir = work / "run"
+if not run_dir.exists():
+    shutil.copytree(src, run_dir, ignore=shutil.ignore_patterns("openvino"))
+run = Run(run_dir); cfg = run.config
+ir = run_ir(run_dir)
+norm = backbone_spec(cfg.teacher).normalize
+train = run.data.scan().train[:300]
+cal = TestDataset([TestSample(p, 0, None, "good") for p in train], cfg.image_size, norm)
+cal_data = [cal[i]["image"][None].numpy() for i in range(len(cal))]
+index = run.data.scan()
+test = TestDataset(index.test, cfg.image_size, norm)
+items = [test[i] for i in range(len(test))]
+x = np.stack([it["image"].numpy() for it in items])
+masks = np.stack([it["mask"].numpy().reshape(it["mask"].shape[-2:]) for it in items]) if "mask" in items[0] else None
+labels = np.array([it["label"] for it in items])
+core = ov.Core()
+def metrics(model):
+    c = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    maps, scores = [], []
+    t = time.perf_counter()
+    for i in range(0, len(x), 16):
+        r = c(x[i:i+16])
+        maps.append(r[c.output("map")]); scores.append(r[c.output("score")])
+    dt = time.perf_counter() - t
+    m = evaluate(np.concatenate(maps), masks, labels, np.concatenate(scores))
+    return {k: round(100 * v, 1) for k, v in m.items() if k in ("i_auroc", "p_auroc", "p_ap", "pro", "iap", "iap90")}, round(len(x) / dt, 1)
+base = core.read_model(str(ir))
+print("fp32", *metrics(base), flush=True)
+variants = {
+    "default": {},
+    "overflow_fix=enable": {"advanced_parameters": nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)},
+    "mixed": {"preset": nncf.QuantizationPreset.MIXED},
+    "mixed+overflow_fix": {"preset": nncf.QuantizationPreset.MIXED, "advanced_parameters": nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)},
+}
+for name, kw in variants.items():
+    q = nncf.quantize(core.read_model(str(ir)), nncf.Dataset(cal_data), subset_size=len(cal_data), **kw)
+    print(name, *metrics(q), flush=True)
