@@ -445,6 +445,19 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
     seen.clear()
     Detector.load(run, precision="int8")
     assert not seen  # cached: no second calibration
+    import nncf
+
+    from destseg.openvino_ir import QUANTIZATION
+
+    recipe = run / "openvino" / "int8" / "quantization.json"
+    assert json.loads(recipe.read_text()) == QUANTIZATION == {**QUANTIZATION, "overflow_fix": "enable"}
+    calls = []
+    real_quantize = nncf.quantize
+    monkeypatch.setattr(nncf, "quantize", lambda *a, **k: (calls.append(k), real_quantize(*a, **k))[1])
+    recipe.write_text(json.dumps({"tool": "nncf.quantize"}))  # a cache made by an older recipe
+    Detector.load(run, precision="int8")
+    assert seen and calls and calls[0]["advanced_parameters"].overflow_fix == nncf.OverflowFix.ENABLE
+    assert json.loads(recipe.read_text()) == QUANTIZATION
     with pytest.raises(DestsegError, match="int8 runs on the OpenVINO backend"):
         Detector.load(run, precision="int8", backend="torch")
 
