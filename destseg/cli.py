@@ -225,7 +225,8 @@ def cmd_recalibrate(args) -> int:
 
     if args.fpr is not None and not 0 < args.fpr < 1:
         raise DestsegError(f"--fpr must be in (0, 1) (got {args.fpr})")
-    det = Detector.load(args.run, device=args.device, precision=args.precision, backend=args.backend)
+    det = Detector.load(args.run, device=args.device, precision=args.precision, backend=args.backend,
+                        compile=args.compile)
     r = recalibrate(det, args.fpr)
     before, after = r["before"], r["after"]
 
