@@ -353,9 +353,9 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "aut
             s.bind((host, port))
         except OSError as exc:
             raise DestsegError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
-    detector = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
     if drift_window < 10:
         raise DestsegError(f"--drift-window must be at least 10 images (got {drift_window})")
+    detector = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
     app = create_app(detector, max_batch, max_wait_ms, max_bytes, run_name=str(run_dir), drift_window=drift_window)
     thr = (detector.thresholds or {}).get("image")
     print(f"destseg: serving {run_dir} on http://{host}:{port} (threshold "
