@@ -21,7 +21,7 @@ from destseg.models import ModelConfig
 from destseg.models.backbones import backbone_spec
 from destseg.run import Run, training_summary
 from destseg.scoring import TestOutputs, run_test_split
-from destseg.thresholds import good_image_thresholds, in_force
+from destseg.thresholds import in_force
 
 __all__ = ["Detector", "InferenceModel", "Prediction", "TestOutputs", "evaluate_run", "load_inference",
            "metrics_table"]
@@ -84,9 +84,9 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
         try:
             model = OpenVINOModel(run_ir(run.path, int8=precision == "int8"), precision)
         except (DestsegError, RuntimeError) as exc:  # export, conversion, or compilation for this CPU
-            if isinstance(exc, DestsegError) and (backend == "openvino" or precision == "int8"):
-                raise
-            if backend == "openvino" or precision == "int8":
+            if backend == "openvino" or precision == "int8":  # asked for: no fallback
+                if isinstance(exc, DestsegError):
+                    raise
                 raise DestsegError(f"{run.path}: OpenVINO could not run it "
                                    f"({str(exc).strip().splitlines()[-1]})") from exc
             warnings.warn(f"OpenVINO could not take this run ({str(exc).strip().splitlines()[-1]}); running it in "
@@ -141,9 +141,7 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
         thresholds = result.pop("_thresholds")
     else:
         result["note"] = "no defect images with masks in the test split: metrics skipped"
-        thresholds = good_image_thresholds(out.scores, out.maps, fpr, "good test images")
-        run.write_calibration([s.path for s in index.test], out.scores,
-                              out.maps.reshape(len(out.maps), -1).max(axis=1), "good test images")
+        thresholds = run.calibrate([s.path for s in index.test], out.scores, out.maps, fpr, "good test images")
     result["thresholds"] = thresholds
     run.write_metrics(result)
     run.write_thresholds(thresholds)

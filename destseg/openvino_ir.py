@@ -95,13 +95,19 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
     return out_dir / IR_NAME
 
 
+def _head(path: Path, n: int = 200_000) -> str:
+    """The first ``n`` bytes of a text file (where an IR names its outputs), without reading the rest."""
+    with open(path, "rb") as f:
+        return f.read(n).decode(errors="ignore")
+
+
 def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
     """The run's cached IR (with every map the model makes), exported on first use and again when the
     checkpoint is newer or the IR was written by an earlier version (two outputs only)."""
     ir = Path(run_dir) / "openvino" / IR_NAME
     ckpt = Path(run_dir) / "checkpoint.pt"
     stale = not ir.is_file() or (ckpt.is_file() and ckpt.stat().st_mtime > ir.stat().st_mtime) or \
-        'name="anomaly_map"' in ir.read_text(errors="ignore")[:200_000]
+        'name="anomaly_map"' in _head(ir)
     if stale:
         export_openvino(run_dir, ir.parent, all_maps=True)
     if not int8:

@@ -28,7 +28,7 @@ from destseg.device import resolve_device
 from destseg.errors import DestsegError
 from destseg.models import MODELS, ModelConfig, build_model, model_config
 from destseg.models.common import fold_batchnorm
-from destseg.thresholds import read_thresholds, write_thresholds
+from destseg.thresholds import good_image_thresholds, map_peaks, read_thresholds, write_thresholds
 
 # A run whose training was cut (``--time-budget``) below this share of its planned steps is called
 # undertrained by ``destseg test`` and its report.
@@ -133,10 +133,15 @@ class Run:
         except json.JSONDecodeError as exc:
             raise DestsegError(f"{path}: invalid JSON ({exc})") from None
 
-    def write_calibration(self, files, scores, peaks, what: str) -> None:
+    def calibrate(self, files, scores, maps, fpr: float, what: str) -> dict:
+        """Good-image thresholds (:func:`destseg.thresholds.good_image_thresholds`) from the scores and maps
+        of the good images ``files``, which are kept in RUN/calibration.json (for recalibration and the
+        drift check); the caller writes the thresholds."""
+        peaks = map_peaks(maps)
         payload = {"what": what, "files": [str(f) for f in files], "scores": [float(s) for s in scores],
                    "peaks": [float(p) for p in peaks]}
         atomic_write_text(self.path / "calibration.json", json.dumps(payload) + "\n")
+        return good_image_thresholds(scores, peaks, fpr, what)
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_text(self.path / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -47,9 +47,16 @@ def conformal_threshold(scores: np.ndarray, fpr: float) -> float:
     return float(np.nextafter(np.float32(s[min(conformal_rank(len(s), fpr), len(s)) - 1]), np.float32(np.inf)))
 
 
+def map_peaks(maps) -> np.ndarray:
+    """Each map's largest value: (n, H, W) maps -> (n,); (n,) values are returned as they are."""
+    maps = np.asarray(maps, dtype=np.float32)
+    return maps.reshape(len(maps), -1).max(axis=1)
+
+
 def good_image_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what: str) -> dict:
-    """Thresholds from good images only, each with a stated guarantee for a new good image exchangeable
-    with them (a false-positive rate at most ``fpr_bound``):
+    """Thresholds from good images only (their ``scores`` and ``maps``, or the maps' largest values), each
+    with a stated guarantee for a new good image exchangeable with them (a false-positive rate at most
+    ``fpr_bound``):
 
     - image: the conformal threshold of the image scores (the decision ``score >= image`` is wrong for a good
       image with probability at most ``fpr_bound``);
@@ -61,7 +68,7 @@ def good_image_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what
     names how many images the target needs."""
     n = len(scores)
     bound = fpr_bound(n, fpr)
-    peaks = np.asarray(maps, dtype=np.float32).reshape(n, -1).max(axis=1)
+    peaks = map_peaks(maps)
     out = {"image": conformal_threshold(scores, fpr), "pixel": conformal_threshold(peaks, fpr),
            "source": "good_images", "n_images": int(n), "fpr_target": fpr, "fpr_bound": bound,
            "method": f"split conformal on the scores of {n} {what}: the {min(conformal_rank(n, fpr), n)}-th "

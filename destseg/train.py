@@ -33,7 +33,6 @@ from destseg.models.backbones import backbone_spec
 from destseg.run import Run, training_summary
 from destseg.schedules import resolve_schedule_name, schedule_overrides
 from destseg.scoring import score_images
-from destseg.thresholds import good_image_thresholds
 
 __all__ = ["DataSource", "TrainOptions", "TrainingInterrupted", "check_options", "train"]
 
@@ -369,8 +368,7 @@ def _thresholds(run: Run, model, split: Split, config, device, dtype, fpr: float
                           backbone_spec(config.teacher).normalize)
     scores, maps = score_images(model, dataset, device, dtype, config.batch_size)
     what = "good training images held out of training" if held_out else "training images (seen in training)"
-    run.write_calibration(paths, scores, np.asarray(maps).reshape(len(paths), -1).max(axis=1), what)
-    return good_image_thresholds(scores, maps, fpr, what)
+    return run.calibrate(paths, scores, maps, fpr, what)
 
 
 def _record_training(run: Run, loop: Loop) -> None:

@@ -18,14 +18,19 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def normal_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """A good image of the tiny product: smooth noise (8x8 noise resized bilinearly)."""
+    img = rng.normal(120, 10, (size // 8, size // 8, 3)).clip(0, 255).astype(np.uint8)
+    return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
 def make_mvtec(root: Path, category="widget", n_train=6, n_good=2, n_defect=2, size=64, seed=0) -> Path:
     """A tiny MVTec-layout dataset: smooth noise images; defects are bright squares with exact masks."""
     rng = np.random.default_rng(seed)
     base = root / category
 
     def normal():
-        img = rng.normal(120, 10, (size // 8, size // 8, 3)).clip(0, 255).astype(np.uint8)
-        return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+        return normal_image(rng, size)
 
     (base / "train" / "good").mkdir(parents=True)
     (base / "test" / "good").mkdir(parents=True)

@@ -23,7 +23,7 @@ from destseg.models import model_config
 from destseg.thresholds import threshold_history
 from destseg.train import DataSource, TrainOptions, train
 
-from conftest import make_mvtec, needs_chromium, served_page
+from conftest import make_mvtec, needs_chromium, normal_image, served_page
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
@@ -51,14 +51,10 @@ def stfpm_run(tmp_path_factory):
     return run
 
 
-def good_images(n, seed, size=64):
-    """Good images of the run's product (the generator of make_mvtec)."""
+def good_images(n, seed):
+    """Good images of the run's product (make_mvtec's generator)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        img = rng.normal(120, 10, (size // 8, size // 8, 3)).clip(0, 255).astype(np.uint8)
-        out.append(np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR)))
-    return out
+    return [normal_image(rng) for _ in range(n)]
 
 
 def rows(out: Path, name="results.csv") -> list[dict]:
