@@ -1,7 +1,7 @@
 """OpenVINO: export a run to an IR (model.xml + model.bin) and run it as a drop-in for the PyTorch model.
 
 The IR is converted from the run's ONNX graph (batch norms folded, dynamic batch), weights kept in fp32.
-On a CPU with AMX/AVX-512-bf16, OpenVINO's default ("auto") runs it in bf16; ``precision="fp32"`` forces f32;
+On a CPU where oneDNN runs bf16 natively (AMX, AVX-512 bf16), the default ("auto") runs it in bf16; ``precision="fp32"`` forces f32;
 ``precision="int8"`` runs an int8 copy quantised by NNCF (post-training, calibrated on the run's own good
 training images, never on test images). A run's own IRs are cached in ``RUN/openvino/`` (``int8/`` beside)
 the first time they are used.
@@ -133,6 +133,15 @@ def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
     return q
 
 
+def _bf16_native() -> bool:
+    """Whether oneDNN runs bf16 natively here, as PyTorch's ``--precision auto`` decides it. OpenVINO's own
+    default follows the CPU's flags only, and under ``ONEDNN_MAX_CPU_ISA=AVX2`` (an AVX2 CPU emulated on a
+    newer one) it picks bf16 and then cannot compile the model."""
+    import torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class OpenVINOModel:
     """Callable like the PyTorch model in eval mode: normalised images (N, 3, H, W) -> {"map", "score"}."""
 
@@ -142,8 +151,8 @@ class OpenVINOModel:
         ov = _ov()
         core = ov.Core()
         config = {}
-        if precision in ("fp32", "int8"):  # int8: the quantised layers run in int8, the rest in f32
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if precision in ("fp32", "int8") or (precision == "auto" and not _bf16_native()):
+            config["INFERENCE_PRECISION_HINT"] = "f32"  # int8: the quantised layers run in int8, the rest in f32
         elif precision == "bf16":
             caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
             if "BF16" not in caps:

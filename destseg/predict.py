@@ -86,7 +86,7 @@ def _ordered(pool: ThreadPoolExecutor | None, fn: Callable, items: Iterable, ahe
         yield pending.popleft().result()
 
 
-def _load(path: Path, size) -> tuple[Path, np.ndarray | None, str | None, tuple[int, int]]:
+def load_for_model(path: Path, size) -> tuple[Path, np.ndarray | None, str | None, tuple[int, int]]:
     """(path, RGB uint8 at the run's size, None, the file's (height, width)) or (path, None, why it cannot be
     read, (0, 0))."""
     try:
@@ -96,7 +96,7 @@ def _load(path: Path, size) -> tuple[Path, np.ndarray | None, str | None, tuple[
         return path, None, str(exc), (0, 0)
 
 
-def _write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray, amap: np.ndarray,
+def write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray, amap: np.ndarray,
                 out_hw: tuple[int, int], pixel_thr: float) -> None:
     """The overlay and mask PNGs at ``out_hw``. At another size than the model's, the map is resized
     bilinearly and the overlay drawn over the input read again from ``source`` (a few batches of full-size
@@ -147,9 +147,9 @@ class _Results:
         job = (over_path, mask_path, path, img, pred.map, in_hw if self.output_size == "input" else self.model_hw,
                self.pixel_thr)
         if self.pool is None:
-            _write_pngs(*job)
+            write_pngs(*job)
         else:
-            self.writes.append(self.pool.submit(_write_pngs, *job))
+            self.writes.append(self.pool.submit(write_pngs, *job))
             while len(self.writes) > self.in_flight:
                 self.writes.popleft().result()
         row = {"file": str(path), "score": pred.score, "decision": "defect" if pred.is_defect else "ok",
@@ -245,8 +245,8 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     results = _Results(out, pool, 4 * batch_size, output_size, hw(size), pixel_thr, dist)
     try:
         batch = []
-        for (index, stem), (path, img, error, in_hw) in _ordered(pool, lambda x: ((x[0], x[2]), _load(x[1], size)),
-                                                                 mine, 2 * batch_size):
+        load = lambda x: ((x[0], x[2]), load_for_model(x[1], size))  # noqa: E731
+        for (index, stem), (path, img, error, in_hw) in _ordered(pool, load, mine, 2 * batch_size):
             if error is not None:
                 results.skip(index, path, error)
                 bar.update(1)

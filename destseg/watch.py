@@ -35,7 +35,7 @@ from destseg.device import io_workers
 from destseg.drift import DriftMonitor
 from destseg.errors import DestsegError
 from destseg.infer import Detector
-from destseg.predict import _load, _write_pngs
+from destseg.predict import load_for_model, write_pngs
 from destseg.thresholds import in_force, utc_now
 
 COLUMNS = ["file", "score", "decision", "threshold", "time", "overlay", "mask"]
@@ -199,8 +199,8 @@ class Watcher:
         for i in range(0, len(files), self.batch_size):
             chunk = files[i:i + self.batch_size]
             paths = [self.input_dir / rel for rel in chunk]
-            loaded = list(self.pool.map(lambda p: _load(p, size), paths)) if self.pool else \
-                [_load(p, size) for p in paths]
+            loaded = list(self.pool.map(lambda p: load_for_model(p, size), paths)) if self.pool else \
+                [load_for_model(p, size) for p in paths]
             good = []
             for rel, (_, img, error, in_hw) in zip(chunk, loaded):
                 if error is None:
@@ -222,10 +222,10 @@ class Watcher:
                              "threshold": f"{self.image_thr:.9g}", "time": utc_now(),
                              "overlay": f"overlays/{name}", "mask": f"masks/{name}"})
             if self.pool:
-                list(self.pool.map(lambda job: _write_pngs(*job), jobs))
+                list(self.pool.map(lambda job: write_pngs(*job), jobs))
             else:
                 for job in jobs:
-                    _write_pngs(*job)
+                    write_pngs(*job)
             self.results.append(rows)  # the journal entry, once the PNGs are on disk
             for r in rows:
                 self.seen.pop(r["file"], None)

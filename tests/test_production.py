@@ -480,3 +480,21 @@ def test_backend_auto_is_openvino_on_a_cpu_and_falls_back_to_torch_with_a_warnin
     assert isinstance(det.model, torch.nn.Module)
     with pytest.raises(DestsegError, match="OpenVINO could not run it .*descriptors list is empty"):
         Detector.load(run, backend="openvino")
+
+
+def test_openvino_auto_precision_follows_torch_on_bf16(tiny_run, monkeypatch):
+    """OpenVINO's `auto` runs bf16 only where oneDNN does: OpenVINO alone reads the CPU's flags, and under
+    ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2 CPU emulated on a newer one) picked bf16 and then failed to compile."""
+    pytest.importorskip("openvino")
+    from destseg.openvino_ir import OpenVINOModel
+
+    run, _ = tiny_run
+    ir = run / "openvino" / "model.xml"
+    Detector.load(run, backend="openvino")  # exports the IR
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert OpenVINOModel(ir, "auto").precision == "f32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    import openvino as ov
+
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert OpenVINOModel(ir, "auto").precision == "bf16"  # OpenVINO's own default where both agree
