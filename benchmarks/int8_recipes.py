@@ -1,7 +1,8 @@
 """int8 recipes on a trained run (under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 for an AVX2 CPU): NNCF
 defaults vs overflow_fix=ENABLE vs the MIXED preset, each evaluated on the run's test split through OpenVINO.
 
-    .venv/bin/python benchmarks/int8_recipes.py RUN WORKDIR   # RUN is copied into WORKDIR, its IR exported there
+    .venv/bin/python benchmarks/int8_recipes.py RUN WORKDIR [VARIANT ...]   # RUN is copied into WORKDIR, its IR
+                                                                          # exported there; default: every variant
 """
 import shutil
 import sys
@@ -51,6 +52,23 @@ variants = {
     "mixed": {"preset": nncf.QuantizationPreset.MIXED},
     "mixed+overflow_fix": {"preset": nncf.QuantizationPreset.MIXED, "advanced_parameters": nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)},
 }
+# Layers kept in fp32 (NNCF's ignored scope, with the overflow fix): the segmentation network's input
+# convolutions (the teacher-student products), its last 1x1 convolution, or the whole segmentation network.
+fix = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)
+for name, patterns in {"fp32 seg. input": [".*segmentation/res/res.0/conv1/.*", ".*segmentation/res/res.0/downsample/.*"],
+                       "fp32 last conv": [".*segmentation/head/head.4/.*"],
+                       "fp32 seg. input + last conv": [".*segmentation/res/res.0/conv1/.*",
+                                                       ".*segmentation/res/res.0/downsample/.*",
+                                                       ".*segmentation/head/head.4/.*"],
+                       "fp32 segmentation network": [".*segmentation/.*"],
+                       "fp32 teacher": [".*/teacher/.*"],
+                       "fp32 student decoder output": [".*student/decoder/layer1/.*"],
+                       "fp32 teacher + student decoder output": [".*/teacher/.*", ".*student/decoder/layer1/.*"]}.items():
+    variants[name] = {"advanced_parameters": fix,
+                      "ignored_scope": nncf.IgnoredScope(patterns=patterns, validate=False)}
+only = sys.argv[3:]  # variant names to run (default: all)
 for name, kw in variants.items():
+    if only and name not in only:
+        continue
     q = nncf.quantize(core.read_model(str(ir)), nncf.Dataset(cal_data), subset_size=len(cal_data), **kw)
     print(name, *metrics(q), flush=True)

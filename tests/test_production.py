@@ -458,6 +458,17 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
     Detector.load(run, precision="int8")
     assert seen and calls and calls[0]["advanced_parameters"].overflow_fix == nncf.OverflowFix.ENABLE
     assert json.loads(recipe.read_text()) == QUANTIZATION
+    import openvino as ov
+
+    # The teacher's convolutions read fp32 weights and activations; the rest are quantised.
+    quantized = {}
+    for op in ov.Core().read_model(str(run / "openvino" / "int8" / "model.xml")).get_ordered_ops():
+        if op.get_type_name() in ("Convolution", "GroupConvolution"):
+            inputs = {i.get_source_output().get_node().get_type_name() for i in op.inputs()}
+            quantized[op.get_friendly_name()] = "FakeQuantize" in inputs or "FakeConvert" in inputs
+    teacher = {k: v for k, v in quantized.items() if "/teacher/" in k}
+    assert teacher and not any(teacher.values())
+    assert any(v for k, v in quantized.items() if "/student/" in k) and any(v for k, v in quantized.items() if "/segmentation/" in k)
     with pytest.raises(DestsegError, match="int8 runs on the OpenVINO backend"):
         Detector.load(run, precision="int8", backend="torch")
 
