@@ -36,15 +36,17 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16_native()
     if precision == "bf16" and not supported:
         raise DestsegError(f"bf16 is not supported on {device}; use --precision fp32")
     if precision not in ("auto", "bf16"):
         raise DestsegError(f"unknown precision '{precision}' (auto, bf16 or fp32)")
     return torch.bfloat16 if supported else None
+
+
+def cpu_bf16_native() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AMX or AVX-512 bf16, within ``ONEDNN_MAX_CPU_ISA``)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def describe_cpu(cpuinfo: str | None = None) -> str:

@@ -1,8 +1,8 @@
 """OpenVINO: export a run to an IR (model.xml + model.bin) and run it as a drop-in for the PyTorch model.
 
 The IR is converted from the run's ONNX graph (batch norms folded, dynamic batch), weights kept in fp32.
-On a CPU where oneDNN runs bf16 natively (AMX, AVX-512 bf16), the default ("auto") runs it in bf16; ``precision="fp32"`` forces f32;
-``precision="int8"`` runs an int8 copy quantised by NNCF (post-training, calibrated on the run's own good
+On a CPU where oneDNN runs bf16 natively (AMX, AVX-512 bf16), the default ("auto") runs it in bf16;
+``precision="fp32"`` forces f32; ``precision="int8"`` runs an int8 copy quantised by NNCF (post-training, calibrated on the run's own good
 training images, never on test images). A run's own IRs are cached in ``RUN/openvino/`` (``int8/`` beside)
 the first time they are used.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from destseg.device import cpu_bf16_native
 from destseg.errors import DestsegError
 
 IR_NAME = "model.xml"
@@ -84,7 +85,7 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
     # overflow_fix=ENABLE: 7-bit weights in every layer, so that CPUs without VNNI (AVX2: u8 x s8 products
     # summed in 16 bits) do not saturate. NNCF's default fixes the first layer only; on bottle under an AVX2
     # cap that lost 1.0 P-AUROC and 3.8 P-AP against fp32, with the fix 0.3 and 0.6 (docs/RESULTS.md).
-    # The teacher stays in fp32: its int8 features cost 0.2 P-AUROC on every bottle seed, and its depthwise
+    # The teacher stays in fp32: its int8 features cost 0.2 P-AUROC on both bottle seeds tried, and its depthwise
     # layers gain nothing from int8 on an AVX2 CPU (docs/RESULTS.md, "int8").
     quantized = nncf.quantize(ov.Core().read_model(str(ir)), nncf.Dataset(_Batches(images)), subset_size=len(images),
         advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE),
@@ -138,15 +139,6 @@ def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
     return q
 
 
-def _bf16_native() -> bool:
-    """Whether oneDNN runs bf16 natively here, as PyTorch's ``--precision auto`` decides it. OpenVINO's own
-    default follows the CPU's flags only, and under ``ONEDNN_MAX_CPU_ISA=AVX2`` (an AVX2 CPU emulated on a
-    newer one) it picks bf16 and then cannot compile the model."""
-    import torch
-
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 class OpenVINOModel:
     """Callable like the PyTorch model in eval mode: normalised images (N, 3, H, W) -> {"map", "score"}."""
 
@@ -156,7 +148,10 @@ class OpenVINOModel:
         ov = _ov()
         core = ov.Core()
         config = {}
-        if precision in ("fp32", "int8") or (precision == "auto" and not _bf16_native()):
+        # auto: bf16 where oneDNN runs it natively, as for PyTorch. OpenVINO's own default reads the CPU's
+        # flags only, and under ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2 CPU emulated on a newer one) picked bf16
+        # and then could not compile the model.
+        if precision in ("fp32", "int8") or (precision == "auto" and not cpu_bf16_native()):
             config["INFERENCE_PRECISION_HINT"] = "f32"  # int8: the quantised layers run in int8, the rest in f32
         elif precision == "bf16":
             caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
