@@ -2,9 +2,9 @@
 
 The IR is converted from the run's ONNX graph (batch norms folded, dynamic batch), weights kept in fp32.
 On a CPU where oneDNN runs bf16 natively (AMX, AVX-512 bf16), the default ("auto") runs it in bf16;
-``precision="fp32"`` forces f32; ``precision="int8"`` runs an int8 copy quantised by NNCF (post-training, calibrated on the run's own good
-training images, never on test images). A run's own IRs are cached in ``RUN/openvino/`` (``int8/`` beside)
-the first time they are used.
+``precision="fp32"`` forces f32; ``precision="int8"`` runs an int8 copy quantised by NNCF (post-training,
+calibrated on the run's own good training images, never on test images). A run's own IRs are cached in
+``RUN/openvino/`` (``int8/`` beside) the first time they are used.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ INT8_CALIBRATION_IMAGES = 300
 
 # The recipe (stored beside a cached int8 IR: a cache made by another recipe is quantised again).
 QUANTIZATION = {"tool": "nncf.quantize", "preset": "performance", "overflow_fix": "enable", "fp32": ["teacher"]}
-FP32_SCOPE = [".*/teacher/.*"]  # IR node names of the modules kept in fp32
+FP32_SCOPE = [f".*/{module}/.*" for module in QUANTIZATION["fp32"]]  # their IR node names
 
 
 def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
@@ -85,8 +85,8 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
     # overflow_fix=ENABLE: 7-bit weights in every layer, so that CPUs without VNNI (AVX2: u8 x s8 products
     # summed in 16 bits) do not saturate. NNCF's default fixes the first layer only; on bottle under an AVX2
     # cap that lost 1.0 P-AUROC and 3.8 P-AP against fp32, with the fix 0.3 and 0.6 (docs/RESULTS.md).
-    # The teacher stays in fp32: its int8 features cost 0.2 P-AUROC on both bottle seeds tried, and its depthwise
-    # layers gain nothing from int8 on an AVX2 CPU (docs/RESULTS.md, "int8").
+    # The teacher stays in fp32: its int8 features cost 0.2 P-AUROC on both bottle seeds tried, and its
+    # depthwise layers gain nothing from int8 on an AVX2 CPU (docs/RESULTS.md, "int8").
     quantized = nncf.quantize(ov.Core().read_model(str(ir)), nncf.Dataset(_Batches(images)), subset_size=len(images),
         advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE),
         ignored_scope=nncf.IgnoredScope(patterns=FP32_SCOPE, validate=False))

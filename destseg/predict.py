@@ -97,7 +97,7 @@ def load_for_model(path: Path, size) -> tuple[Path, np.ndarray | None, str | Non
 
 
 def write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray, amap: np.ndarray,
-                out_hw: tuple[int, int], pixel_thr: float) -> None:
+               out_hw: tuple[int, int], pixel_thr: float) -> None:
     """The overlay and mask PNGs at ``out_hw``. At another size than the model's, the map is resized
     bilinearly and the overlay drawn over the input read again from ``source`` (a few batches of full-size
     images are not kept in memory); should that read fail now, over the model-size copy scaled up."""

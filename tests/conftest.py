@@ -29,19 +29,16 @@ def make_mvtec(root: Path, category="widget", n_train=6, n_good=2, n_defect=2, s
     rng = np.random.default_rng(seed)
     base = root / category
 
-    def normal():
-        return normal_image(rng, size)
-
     (base / "train" / "good").mkdir(parents=True)
     (base / "test" / "good").mkdir(parents=True)
     (base / "test" / "spot").mkdir(parents=True)
     (base / "ground_truth" / "spot").mkdir(parents=True)
     for i in range(n_train):
-        Image.fromarray(normal()).save(base / "train" / "good" / f"{i:03d}.png")
+        Image.fromarray(normal_image(rng, size)).save(base / "train" / "good" / f"{i:03d}.png")
     for i in range(n_good):
-        Image.fromarray(normal()).save(base / "test" / "good" / f"{i:03d}.png")
+        Image.fromarray(normal_image(rng, size)).save(base / "test" / "good" / f"{i:03d}.png")
     for i in range(n_defect):
-        img, mask = normal(), np.zeros((size, size), np.uint8)
+        img, mask = normal_image(rng, size), np.zeros((size, size), np.uint8)
         y, x = rng.integers(4, size - 20, 2)
         img[y:y + 12, x:x + 12] = 250
         mask[y:y + 12, x:x + 12] = 255
