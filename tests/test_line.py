@@ -22,6 +22,7 @@ from destseg.infer import Detector
 from destseg.models import model_config
 from destseg.thresholds import threshold_history
 from destseg.train import DataSource, TrainOptions, train
+from destseg.watch import COLUMNS as WATCH_COLUMNS, Watcher
 
 from conftest import make_mvtec, needs_chromium, normal_image, served_page
 
@@ -180,6 +181,56 @@ def test_watch_refuses_a_second_watcher_and_bad_flags(line_run, tmp_path):
         r = subprocess.run(watch_cmd(line_run, inp, tmp_path / "o", "--once"), env=ENV, capture_output=True,
                            text=True)
     assert r.returncode == 2 and "another `destseg watch`" in r.stderr
+
+
+def test_watch_scan_looks_only_at_new_names_and_notices_what_goes_and_comes(line_run, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    (inp / "a" / "b").mkdir(parents=True)
+    for rel in ("x.png", "a/y.png", "a/b/z.png", "a/notes.txt", "a/.hidden.png"):
+        (inp / rel).write_bytes(b"")  # never decoded here: scoring is simulated by the journal
+    out.mkdir()
+    det = Detector.load(line_run, backend="torch", precision="fp32")
+    w = Watcher(det, inp, out, 4, 0.0, 30.0, "input", 0, 10)
+
+    def score_all():
+        ready, waiting = w.scan()
+        w.results.append([{c: "0" for c in WATCH_COLUMNS} | {"file": rel} for rel in ready])
+        return sorted(ready), waiting
+
+    for i in range(1000):
+        (inp / "a" / f"many{i:04d}.png").write_bytes(b"")
+    assert len(score_all()[0]) == 1003
+    assert w.scan() == ([], 0)  # finds them scored (in the journal), once
+    calls = []  # a scan of folders whose images are all done: the listings, no Python call per file
+
+    def count(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls.append(event)
+    sys.setprofile(count)
+    try:
+        again = w.scan()
+    finally:
+        sys.setprofile(None)
+    assert again == ([], 0) and len(calls) < 100, len(calls)
+    (inp / "a" / "new.png").write_bytes(b"")  # a new image in a folder already done
+    (inp / "x.png").unlink()  # removed, and later written again under the same name: a new image
+    shutil.rmtree(inp / "a" / "b")  # the same for a folder
+    assert score_all() == (["a/new.png"], 0)
+    (inp / "x.png").write_bytes(b"")
+    (inp / "a" / "b").mkdir()
+    (inp / "a" / "b" / "z.png").write_bytes(b"")
+    assert score_all() == (["a/b/z.png", "x.png"], 0)
+    shutil.rmtree(inp / "a" / "b")  # a folder replaced by an image of the same name
+    (inp / "a" / "b").write_bytes(b"")
+    assert w.scan() == ([], 0)  # 'b' is not an image name: nothing to score, and no error
+    w.close()
+    # a restart: the journal's files that are gone are forgotten, so a file written later under that name is new
+    (inp / "a" / "y.png").unlink()
+    w = Watcher(det, inp, out, 4, 0.0, 30.0, "input", 0, 10)
+    assert w.scan() == ([], 0)
+    (inp / "a" / "y.png").write_bytes(b"")
+    assert w.scan() == (["a/y.png"], 0)
+    w.close()
 
 
 def test_feedback_recalibrates_and_keeps_the_thresholds_it_replaces(line_run, tmp_path):
