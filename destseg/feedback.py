@@ -97,10 +97,15 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def recalibrate(detector, fpr: float | None = None) -> dict:
+def recalibrate(detector, fpr: float | None = None, predict=None, batch: int = 16) -> dict:
     """Refit the run's thresholds on its good calibration images plus the false alarms marked so far,
     write them (the previous ones go to the history) and set them on ``detector``. Returns
-    ``{"before", "after", "n_calibration", "n_false_alarms", "n_missed_defects", "missed_caught"}``."""
+    ``{"before", "after", "n_calibration", "n_false_alarms", "n_missed_defects", "missed_caught"}``.
+
+    The images are scored ``batch`` at a time by ``predict`` (a list of images -> their Predictions;
+    ``detector.predict_batch`` by default): the service passes one that runs each batch on its model thread,
+    so that requests are answered between the batches rather than after the whole recalibration."""
+    predict = predict or detector.predict_batch
     run: Run = detector.run
     calibration = run.calibration()
     if calibration is None:
@@ -110,11 +115,11 @@ def recalibrate(detector, fpr: float | None = None) -> dict:
     fpr = fpr if fpr is not None else (before.get("fpr_target") or (before.get("good_images") or {}).get(
         "fpr_target") or 0.01)
     entries = read_feedback(run.path)
-    scored = {kind: _score(detector, [_dir(run) / e["image"] for e in entries if e["kind"] == kind])
+    scored = {kind: _score(predict, [_dir(run) / e["image"] for e in entries if e["kind"] == kind], batch)
               for kind in KINDS}
     files = [Path(f) for f in calibration["files"]]
     if files and all(f.is_file() for f in files):  # scored again by the model in use, as the feedback images
-        cal_scores, cal_peaks = _score(detector, files)
+        cal_scores, cal_peaks = _score(predict, files, batch)
         what = calibration["what"]
     else:
         cal_scores, cal_peaks = np.asarray(calibration["scores"]), np.asarray(calibration["peaks"])
@@ -132,16 +137,16 @@ def recalibrate(detector, fpr: float | None = None) -> dict:
             "n_missed_defects": len(missed), "missed_caught": int((missed >= after["image"]).sum())}
 
 
-def _score(detector, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores, largest map values) of images, by the model in use."""
+def _score(predict, paths: list[Path], batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image scores, largest map values) of images, by the model in use (``predict``), ``batch`` at a time."""
     if not paths:
         return np.zeros(0), np.zeros(0)
     from destseg.data.images import read_rgb
 
     scores, peaks = [], []
-    for i in range(0, len(paths), 16):
-        images = [read_rgb(p) for p in paths[i:i + 16]]
-        for p in detector.predict_batch(images):
+    for i in range(0, len(paths), batch):
+        images = [read_rgb(p) for p in paths[i:i + batch]]
+        for p in predict(images):
             scores.append(p.score)
             peaks.append(float(p.map.max()))
     return np.asarray(scores), np.asarray(peaks)

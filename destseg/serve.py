@@ -4,7 +4,7 @@ Endpoints: ``POST /predict`` (the image as the raw body with an ``image/*`` cont
 multipart field ``file``; query ``threshold``, ``overlay``, ``mask``, ``output_size``; the answer's ``id``
 names the decision), ``GET /recent`` (the last decisions, with thumbnails), ``POST /feedback`` (JSON ``{"id",
 "kind"}`` with kind ``false_alarm`` or ``missed_defect``, or an image upload with query ``kind``: kept in
-RUN/feedback/), ``POST /recalibrate`` (thresholds refit with the feedback, destseg.feedback), ``GET /health``
+RUN/feedback/), ``POST /recalibrate`` (thresholds refit with the feedback, destseg.feedback; predictions go on meanwhile), ``GET /health``
 (with the thresholds in force since when, and the drift check of the recent scores, destseg.drift), and
 ``GET /``, a page to drop images on and mark decisions. Concurrent requests are gathered into batches of up to ``max_batch`` images,
 waiting at most ``max_wait_ms`` for the batch to fill, and run one batch at a time. Every bad request gets
@@ -39,6 +39,8 @@ from destseg.feedback import KINDS, add_feedback, read_feedback, recalibrate
 from destseg.infer import Detector, Prediction
 from destseg.thresholds import in_force, utc_now
 from destseg.visualize import png_b64, threshold_mask, threshold_overlay
+
+RECALIBRATE_BATCH = 4  # images per turn on the model thread during POST /recalibrate: a request waits one turn
 
 
 @dataclass
@@ -141,6 +143,7 @@ class _Service:
                  recent: int = 50, drift_window: int = 200):
         self.detector, self.batcher, self.max_bytes, self.run_name = detector, batcher, max_bytes, run_name
         self._set_thresholds(detector.thresholds or {})
+        self.recalibrating = asyncio.Lock()  # one recalibration at a time
         self.recent: deque[dict] = deque(maxlen=recent)  # the last decisions, their image at the model's size
         calibration = detector.run.calibration() if detector.run else None
         self.drift = DriftMonitor(calibration["scores"] if calibration else [], window=drift_window)
@@ -261,11 +264,17 @@ class _Service:
         """Refit the thresholds on the good images plus the false alarms; the new ones are in force at once."""
         if self.detector.run is None:
             return _error(409, "this service has no run directory to recalibrate")
-        try:  # on the model's own thread: the model is never run by two threads at once
-            result = await asyncio.get_running_loop().run_in_executor(self.batcher.executor, recalibrate,
-                                                                      self.detector)
-        except DestsegError as exc:
-            return _error(409, str(exc))
+        model_thread = self.batcher.executor  # the model is never run by two threads at once
+
+        def predict(images):
+            return model_thread.submit(self.detector.predict_batch, images).result()
+
+        async with self.recalibrating:  # off the model thread, which scores its images a few at a time:
+            try:  # requests that come meanwhile are answered between those batches, not after them all
+                result = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: recalibrate(self.detector, predict=predict, batch=RECALIBRATE_BATCH))
+            except DestsegError as exc:
+                return _error(409, str(exc))
         self._set_thresholds(result["after"])
         return result
 

@@ -402,3 +402,44 @@ def test_service_feedback_and_recalibrate_endpoints(line_run, tmp_path):
         h = c.get("/health").json()
         assert h["threshold"] == r["after"]["image"] and h["thresholds_since"] == r["after"]["since"]
         assert h["feedback"] == {"false_alarm": 1, "missed_defect": 1}
+
+
+def test_service_answers_requests_while_it_recalibrates(line_run, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from destseg.serve import create_app
+
+    run = tmp_path / "run"
+    shutil.copytree(line_run, run)
+    det = Detector.load(run, backend="torch", precision="fp32")
+    fast = det.predict_batch
+    per_image_s = 0.15  # a slow model: the 12 calibration images take 1.8 s to score again
+
+    def slow(images, **kw):
+        time.sleep(per_image_s * len(images))
+        return fast(images, **kw)
+    det.predict_batch = slow
+    buf = io.BytesIO()
+    Image.fromarray(good_images(1, seed=42)[0]).save(buf, format="PNG")
+    app = create_app(det, max_wait_ms=1)
+    with TestClient(app) as c:
+        done = {}
+
+        def recal():
+            assert c.post("/recalibrate").status_code == 200
+            done["recalibrate"] = time.perf_counter()
+        t = threading.Thread(target=recal)
+        t.start()
+        time.sleep(0.3)  # the recalibration is under way
+        t0 = time.perf_counter()
+        r = c.post("/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
+        done["predict"] = time.perf_counter()
+        t.join()
+    assert r.status_code == 200 and "score" in r.json()
+    # answered after at most one turn of the recalibration on the model thread (4 images), not after all 12
+    assert done["predict"] - t0 < 1.2, done["predict"] - t0
+    assert done["predict"] < done["recalibrate"]
