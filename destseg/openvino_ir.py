@@ -4,7 +4,8 @@ The IR is converted from the run's ONNX graph (batch norms folded, dynamic batch
 On a CPU where oneDNN runs bf16 natively (AMX, AVX-512 bf16), the default ("auto") runs it in bf16;
 ``precision="fp32"`` forces f32; ``precision="int8"`` runs an int8 copy quantised by NNCF (post-training,
 calibrated on the run's own good training images, never on test images). A run's own IRs are cached in
-``RUN/openvino/`` (``int8/`` beside) the first time they are used.
+``RUN/openvino/`` (``int8/`` beside) the first time they are used, and travel with the run folder: quantise
+where the training images are (one ``destseg test --precision int8``), then use the run anywhere.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from destseg.checkpoint import atomic_write_text, file_digest
 from destseg.device import cpu_bf16_native
 from destseg.errors import DestsegError
 
 IR_NAME = "model.xml"
+SOURCE_NAME = "source.json"  # beside a cached IR: the checkpoint it was made from
 
 
 def _ov():
@@ -77,7 +80,9 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
     paths = run.data.scan().train[:INT8_CALIBRATION_IMAGES] if run.data else []
     if not paths:
         raise DestsegError(f"{run.path}: --precision int8 calibrates on the run's good training images, and the run "
-                           f"records none that can be read (data: {run.record.get('data')})")
+                           f"records none that can be read (data: {run.record.get('data')}); quantise where they "
+                           "are (`destseg test --run RUN --precision int8`) and copy the run folder with its "
+                           "openvino/ folder")
     cfg = run.config
     images = TestDataset([TestSample(p, 0, None, "good") for p in paths], cfg.image_size,
                          backbone_spec(cfg.teacher).normalize)
@@ -120,22 +125,33 @@ def _head(path: Path, n: int = 200_000) -> str:
         return f.read(n).decode(errors="ignore")
 
 
+def _made_from(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / SOURCE_NAME).read_text()).get("checkpoint_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
     """The run's cached IR (with every map the model makes), exported on first use and again when the
-    checkpoint is newer or the IR was written by an earlier version (two outputs only)."""
+    checkpoint is another one or the IR was written by an earlier version (two outputs only). Each cached IR
+    records the checkpoint it was made from (``source.json``), so a run folder copied to another machine keeps
+    its IRs: the int8 one above all, whose making needs the training images."""
     ir = Path(run_dir) / "openvino" / IR_NAME
-    ckpt = Path(run_dir) / "checkpoint.pt"
-    stale = not ir.is_file() or (ckpt.is_file() and ckpt.stat().st_mtime > ir.stat().st_mtime) or \
-        'name="anomaly_map"' in _head(ir)
+    ckpt = Path(run_dir) / "checkpoint.pt"  # what the IR was made from (modification times do not survive a copy)
+    sha = file_digest(ckpt) if ckpt.is_file() else None
+    stale = not ir.is_file() or _made_from(ir.parent) != sha or 'name="anomaly_map"' in _head(ir)
     if stale:
         export_openvino(run_dir, ir.parent, all_maps=True)
+        atomic_write_text(ir.parent / SOURCE_NAME, json.dumps({"checkpoint_sha256": sha}))
     if not int8:
         return ir
     q = ir.parent / "int8" / IR_NAME
     recipe = q.parent / "quantization.json"
-    if stale or not q.is_file() or q.stat().st_mtime < ir.stat().st_mtime or not recipe.is_file() or \
+    if stale or not q.is_file() or _made_from(q.parent) != sha or not recipe.is_file() or \
             json.loads(recipe.read_text()) != QUANTIZATION:  # quantised by an earlier recipe: again
         quantize_ir(run_dir, ir, q.parent)
+        atomic_write_text(q.parent / SOURCE_NAME, json.dumps({"checkpoint_sha256": sha}))
     return q
 
 

@@ -1,6 +1,8 @@
 """predict, thresholds, report, ONNX export, benchmark command: on a tiny run."""
 
 import csv
+import os
+import shutil
 import json
 from html.parser import HTMLParser
 
@@ -471,6 +473,34 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
     assert any(v for k, v in quantized.items() if "/student/" in k) and any(v for k, v in quantized.items() if "/segmentation/" in k)
     with pytest.raises(DestsegError, match="int8 runs on the OpenVINO backend"):
         Detector.load(run, precision="int8", backend="torch")
+
+
+def test_a_copied_run_keeps_its_int8_ir_and_a_new_checkpoint_remakes_it(tiny_run, tmp_path, monkeypatch):
+    """The cached IRs record the checkpoint they were made from: a run copied to a line PC (new modification
+    times, no training images there) runs int8 without quantising again; another checkpoint remakes both."""
+    nncf = pytest.importorskip("nncf")
+    from destseg.checkpoint import load_checkpoint, save_checkpoint
+
+    run, _ = tiny_run
+    Detector.load(run, precision="int8")  # made where the training images are
+    copy = tmp_path / "line-pc" / "run"
+    shutil.copytree(run, copy, copy_function=shutil.copy)  # the modification times are the copy's
+    os.utime(copy / "checkpoint.pt")  # the checkpoint now the newest file of the run
+    quantized = []
+    real_quantize = nncf.quantize
+    monkeypatch.setattr(nncf, "quantize", lambda *a, **k: (quantized.append(1), real_quantize(*a, **k))[1])
+    xml = copy / "openvino" / "int8" / "model.xml"
+    before = xml.stat().st_mtime_ns
+    assert Detector.load(copy, precision="int8").model.precision == "int8"
+    assert not quantized and xml.stat().st_mtime_ns == before
+    payload = load_checkpoint(copy / "checkpoint.pt")  # another checkpoint (training went on, say)
+    state = payload["model_state"]
+    key = next(k for k, v in state.items() if v.is_floating_point() and "segmentation" in k)
+    state[key] = state[key] + 0.01
+    save_checkpoint(copy / "checkpoint.pt", {k: v for k, v in payload.items()
+                                              if k not in ("format_version", "library_version")})
+    Detector.load(copy, precision="int8")
+    assert quantized and xml.stat().st_mtime_ns != before
 
 
 def test_backend_auto_is_openvino_on_a_cpu_and_falls_back_to_torch_with_a_warning(tiny_run, monkeypatch):
