@@ -3,6 +3,8 @@ defaults vs overflow_fix=ENABLE vs the MIXED preset, each evaluated on the run's
 
     .venv/bin/python benchmarks/int8_recipes.py RUN WORKDIR [VARIANT ...]   # RUN is copied into WORKDIR, its IR
                                                                           # exported there; default: every variant
+    VARIANT: a name below, or fp32:RE1,RE2 (the IR nodes matching these regular expressions kept in fp32);
+    synthetic+VARIANT: that variant calibrated on the good training images plus a synthetic-anomaly copy of each
 """
 import shutil
 import sys
@@ -63,12 +65,41 @@ for name, patterns in {"fp32 seg. input": [".*segmentation/res/res.0/conv1/.*", 
                        "fp32 segmentation network": [".*segmentation/.*"],
                        "fp32 teacher": [".*/teacher/.*"],
                        "fp32 student decoder output": [".*student/decoder/layer1/.*"],
-                       "fp32 teacher + student decoder output": [".*/teacher/.*", ".*student/decoder/layer1/.*"]}.items():
+                       "fp32 teacher + student decoder output": [".*/teacher/.*", ".*student/decoder/layer1/.*"],
+                       "fp32 teacher + last conv": [".*/teacher/.*", ".*segmentation/head/head.4/.*"],
+                       "fp32 teacher + seg. input + last conv": [".*/teacher/.*",
+                                                                  ".*segmentation/res/res.0/conv1/.*",
+                                                                  ".*segmentation/res/res.0/downsample/.*",
+                                                                  ".*segmentation/head/head.4/.*"],
+                       "fp32 teacher + segmentation network": [".*/teacher/.*", ".*segmentation/.*"]}.items():
     variants[name] = {"advanced_parameters": fix,
                       "ignored_scope": nncf.IgnoredScope(patterns=patterns, validate=False)}
+# Calibration on the good training images plus a copy of each with a synthetic anomaly (the training's own
+# synthesis, options from the run's record): activations of the anomalous kind are seen too.
+from destseg.data.images import read_rgb, resize_rgb
+from destseg.data.synthesis import AnomalySynthesizer
+options = run.record.get("options", {})
+resolved = run.record.get("resolved", {})
+synth = AnomalySynthesizer(cfg.image_size, options.get("texture_dir"), gray=resolved.get("anomaly_color") == "gray")
+rng = np.random.default_rng(0)
+synthetic = []
+for p in train:
+    img = resize_rgb(read_rgb(p), cfg.image_size).astype(np.float32) / 255.0
+    aug, _ = synth(img, rng)
+    synthetic.append(norm.hwc(aug)[None].numpy())
+cal_synth = cal_data + synthetic
 only = sys.argv[3:]  # variant names to run (default: all)
+for name in only:
+    base_name = name[len("synthetic+"):] if name.startswith("synthetic+") else name
+    if base_name.startswith("fp32:"):
+        variants[base_name] = {"advanced_parameters": fix,
+                               "ignored_scope": nncf.IgnoredScope(patterns=base_name[5:].split(","), validate=False)}
+    if name != base_name:
+        variants[name] = {**variants[base_name], "_cal": cal_synth}
 for name, kw in variants.items():
     if only and name not in only:
         continue
-    q = nncf.quantize(core.read_model(str(ir)), nncf.Dataset(cal_data), subset_size=len(cal_data), **kw)
+    kw = dict(kw)
+    data = kw.pop("_cal", cal_data)
+    q = nncf.quantize(core.read_model(str(ir)), nncf.Dataset(data), subset_size=len(data), **kw)
     print(name, *metrics(q), flush=True)

@@ -460,6 +460,18 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
     Detector.load(run, precision="int8")
     assert seen and calls and calls[0]["advanced_parameters"].overflow_fix == nncf.OverflowFix.ENABLE
     assert json.loads(recipe.read_text()) == QUANTIZATION
+    # calibrated on each training image twice: as it is, then with a synthetic anomaly
+    assert calls[0]["subset_size"] == 2 * len(set(seen)) and len(seen) >= 2 * len(set(seen))
+    import destseg.openvino_ir as ovir
+
+    calls.clear()
+    recipe.write_text(json.dumps({"tool": "nncf.quantize"}))  # an older recipe where the images are not: kept
+    monkeypatch.setattr(ovir, "calibration_paths", lambda run: [])
+    with pytest.warns(UserWarning, match="quantised by an earlier recipe, and the run's training images are not here"):
+        assert Detector.load(run, precision="int8").model.precision == "int8"
+    assert not calls
+    monkeypatch.undo()
+    recipe.write_text(json.dumps(QUANTIZATION))
     import openvino as ov
 
     # The teacher's convolutions read fp32 weights and activations; the rest are quantised.
