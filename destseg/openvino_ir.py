@@ -3,9 +3,10 @@
 The IR is converted from the run's ONNX graph (batch norms folded, dynamic batch), weights kept in fp32.
 On a CPU where oneDNN runs bf16 natively (AMX, AVX-512 bf16), the default ("auto") runs it in bf16;
 ``precision="fp32"`` forces f32; ``precision="int8"`` runs an int8 copy quantised by NNCF (post-training,
-calibrated on the run's own good training images, never on test images). A run's own IRs are cached in
-``RUN/openvino/`` (``int8/`` beside) the first time they are used, and travel with the run folder: quantise
-where the training images are (one ``destseg test --precision int8``), then use the run anywhere.
+calibrated on the run's own good training images and a synthetic-anomaly copy of each, never on test
+images). A run's own IRs are cached in ``RUN/openvino/`` (``int8/`` beside) the first time they are used, and
+travel with the run folder: quantise where the training images are (one ``destseg test --precision int8``),
+then use the run anywhere.
 """
 
 from __future__ import annotations
