@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from destseg.checkpoint import atomic_write_text, file_digest
-from destseg.data.synthesis import AnomalySynthesizer
 from destseg.device import cpu_bf16_native
 from destseg.errors import DestsegError
 
@@ -133,6 +132,8 @@ class _Calibration:
     and with the anomalous copies 0.1 (docs/RESULTS.md, "int8")."""
 
     def __init__(self, images, normalize, gray: bool):
+        from destseg.data.synthesis import AnomalySynthesizer  # the training's synthesis: only when quantising
+
         self.images, self.normalize = images, normalize
         self.synthesize = AnomalySynthesizer(images.size, None, gray=gray)
 
