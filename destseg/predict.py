@@ -3,7 +3,8 @@
 For each image: score, OK/defect decision, heat-map overlay PNG and binary mask PNG (at the input image's own
 size by default: the map is resized back onto it bilinearly; ``--output-size model`` keeps the model's size);
 one CSV and one JSON with all results (written as they come, renamed into place at the end). Unreadable files
-are skipped and listed with the reason. Memory stays bounded: paths are walked lazily and only a few batches are in flight.
+are skipped and listed with the reason. Memory stays bounded: paths are walked lazily and only a few batches
+are in flight.
 
 Reading, decoding and resizing the inputs and encoding the PNGs run on a thread pool (``workers``; Pillow
 and zlib release the GIL), so that a GPU is not left waiting for the main process; even on a 2-core CPU two

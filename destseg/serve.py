@@ -4,11 +4,12 @@ Endpoints: ``POST /predict`` (the image as the raw body with an ``image/*`` cont
 multipart field ``file``; query ``threshold``, ``overlay``, ``mask``, ``output_size``; the answer's ``id``
 names the decision), ``GET /recent`` (the last decisions, with thumbnails), ``POST /feedback`` (JSON ``{"id",
 "kind"}`` with kind ``false_alarm`` or ``missed_defect``, or an image upload with query ``kind``: kept in
-RUN/feedback/), ``POST /recalibrate`` (thresholds refit with the feedback, destseg.feedback; predictions go on meanwhile), ``GET /health``
-(with the thresholds in force since when, and the drift check of the recent scores, destseg.drift), and
-``GET /``, a page to drop images on and mark decisions. Concurrent requests are gathered into batches of up to ``max_batch`` images,
-waiting at most ``max_wait_ms`` for the batch to fill, and run one batch at a time. Every bad request gets
-a 4xx JSON ``{"error": ...}`` naming the problem; the service keeps serving.
+RUN/feedback/), ``POST /recalibrate`` (thresholds refit with the feedback, destseg.feedback; predictions go
+on meanwhile), ``GET /health`` (with the thresholds in force since when, and the drift check of the recent
+scores, destseg.drift), and ``GET /``, a page to drop images on and mark decisions. Concurrent requests are
+gathered into batches of up to ``max_batch`` images, waiting at most ``max_wait_ms`` for the batch to fill,
+and run one batch at a time. Every bad request gets a 4xx JSON ``{"error": ...}`` naming the problem; the
+service keeps serving.
 """
 
 from __future__ import annotations
