@@ -74,21 +74,24 @@ for name, patterns in {"fp32 seg. input": [".*segmentation/res/res.0/conv1/.*", 
                        "fp32 teacher + segmentation network": [".*/teacher/.*", ".*segmentation/.*"]}.items():
     variants[name] = {"advanced_parameters": fix,
                       "ignored_scope": nncf.IgnoredScope(patterns=patterns, validate=False)}
-# Calibration on the good training images plus a copy of each with a synthetic anomaly (the training's own
-# synthesis, options from the run's record): activations of the anomalous kind are seen too.
-from destseg.data.images import read_rgb, resize_rgb
-from destseg.data.synthesis import AnomalySynthesizer
-options = run.record.get("options", {})
-resolved = run.record.get("resolved", {})
-synth = AnomalySynthesizer(cfg.image_size, options.get("texture_dir"), gray=resolved.get("anomaly_color") == "gray")
-rng = np.random.default_rng(0)
-synthetic = []
-for p in train:
-    img = resize_rgb(read_rgb(p), cfg.image_size).astype(np.float32) / 255.0
-    aug, _ = synth(img, rng)
-    synthetic.append(norm.hwc(aug)[None].numpy())
-cal_synth = cal_data + synthetic
+def synthetic_calibration():
+    """The good training images plus a copy of each with a synthetic anomaly (the training's own synthesis,
+    options from the run's record): activations of the anomalous kind are seen too."""
+    from destseg.data.images import read_rgb, resize_rgb
+    from destseg.data.synthesis import AnomalySynthesizer
+    options, resolved = run.record.get("options", {}), run.record.get("resolved", {})
+    synth = AnomalySynthesizer(cfg.image_size, options.get("texture_dir"), gray=resolved.get("anomaly_color") == "gray")
+    rng = np.random.default_rng(0)
+    synthetic = []
+    for p in train:
+        img = resize_rgb(read_rgb(p), cfg.image_size).astype(np.float32) / 255.0
+        aug, _ = synth(img, rng)
+        synthetic.append(norm.hwc(aug)[None].numpy())
+    return cal_data + synthetic
+
+
 only = sys.argv[3:]  # variant names to run (default: all)
+cal_synth = synthetic_calibration() if any(name.startswith("synthetic+") for name in only) else None
 for name in only:
     base_name = name[len("synthetic+"):] if name.startswith("synthetic+") else name
     if base_name.startswith("fp32:"):

@@ -135,6 +135,7 @@ class _Calibration:
         from destseg.data.synthesis import AnomalySynthesizer  # the training's synthesis: only when quantising
 
         self.images, self.normalize = images, normalize
+        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) for v in (normalize.mean, normalize.std))
         self.synthesize = AnomalySynthesizer(images.size, None, gray=gray)
 
     def __len__(self) -> int:
@@ -145,8 +146,7 @@ class _Calibration:
         for i in range(2 * n):
             x = self.images[i % n]["image"]
             if i >= n:
-                mean, std = (torch.tensor(v).view(3, 1, 1) for v in (self.normalize.mean, self.normalize.std))
-                img01 = (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+                img01 = (x * self.std + self.mean).clamp(0, 1).permute(1, 2, 0).numpy()
                 aug, _ = self.synthesize(img01, np.random.default_rng(i))
                 x = self.normalize.hwc(aug)
             yield x[None].numpy()
