@@ -139,3 +139,18 @@ def test_tesd_fixed_pooling_equals_adaptive_pooling(shape, size):
 
     x = torch.randn(2, 3, *shape, dtype=torch.float64)
     assert torch.allclose(_pool_to(x, size), F.adaptive_avg_pool2d(x, size), atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 1), (3, 2), (5, 2)])
+@pytest.mark.parametrize("size", [(32, 32), (33, 30)])
+def test_same_conv_equals_tensorflow_same_padding(kernel, stride, size):
+    """SameConv2d pads inside the convolution at stride 1 and explicitly at stride 2: the same output as
+    padding every input the TensorFlow way (the Lite0 weights' convention), for even and odd sizes."""
+    from destseg.models.backbones import SameConv2d, same_pad
+
+    torch.manual_seed(0)
+    conv = SameConv2d(4, 4, kernel, stride, groups=4, bias=False)
+    x = torch.randn(2, 4, *size)
+    reference = torch.nn.functional.conv2d(same_pad(x, kernel, stride), conv.weight, stride=stride, groups=4)
+    assert torch.allclose(conv(x), reference, atol=1e-6)
+    assert conv(x).shape[-2:] == tuple(-(-s // stride) for s in size)

@@ -170,8 +170,16 @@ def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 class SameConv2d(nn.Conv2d):
+    """A convolution with "SAME" padding: at stride 1 (odd kernel) that is the symmetric ``kernel // 2``,
+    done by the convolution itself; at stride 2 an explicit asymmetric pad (a copy of the input)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, **kwargs):
+        symmetric = stride == 1 and kernel % 2 == 1
+        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if symmetric else 0, **kwargs)
+        self.explicit_pad = not symmetric
+
     def forward(self, x):
-        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
+        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]) if self.explicit_pad else x)
 
 
 def _bn(c: int, momentum: float) -> nn.BatchNorm2d:
@@ -195,8 +203,10 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
-        out = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        # relu6 in place: its input is a fresh tensor (a BatchNorm's output, or the convolution's once folded),
+        # one pass over memory less (a frozen teacher spent 17% of its CPU time in out-of-place clamps)
+        out = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.expand else x
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         out = self._bn2(self._project_conv(out))
         return out + x if self.residual else out
 
@@ -230,7 +240,7 @@ class EfficientNetLite0(nn.Module):
         kaiming_init(self)
 
     def features(self, x) -> list[torch.Tensor]:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         feats = []
         for i, block in enumerate(self._blocks[: self.feature_blocks[-1] + 1]):
             x = block(x)
