@@ -50,8 +50,9 @@ def cpu_bf16_native() -> bool:
 
 
 def describe_cpu(cpuinfo: str | None = None) -> str:
-    """The CPU's model name and its fastest bf16/vector path, e.g. 'AMD EPYC (AVX-512 bf16, no AMX)', from
-    /proc/cpuinfo (or the given text): benchmark figures from two machines are not comparable without it."""
+    """The CPU's model name, family and model numbers and its fastest bf16/vector path, e.g. 'AMD EPYC 9R14
+    (family 25 model 17, AVX-512 bf16, no AMX)', from /proc/cpuinfo (or the given text): benchmark figures from
+    two machines are not comparable without it."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -77,7 +78,13 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
         vector = "AVX2, no AVX-512"
     else:
         vector = ""
-    return f"{name} ({vector})" if vector else name
+    # A cloud VM often hides the model name ("Intel(R) Xeon(R) Processor"): the family and model numbers
+    # still tell one generation from another (Intel family 6: model 143 Sapphire Rapids, 207 Emerald Rapids).
+    ident = ""
+    if "cpu family" in fields and "model" in fields:
+        ident = f"family {fields['cpu family']} model {fields['model']}"
+    details = ", ".join(d for d in (ident, vector) if d)
+    return f"{name} ({details})" if details else name
 
 
 def describe_device(device: torch.device) -> str:

@@ -272,6 +272,9 @@ def test_benchmark_names_the_cpu_and_its_bf16_path():
     assert describe_cpu(cpuinfo("AMD EPYC", "avx2 avx512f avx512_bf16")) == "AMD EPYC (AVX-512 bf16, no AMX)"
     assert describe_cpu(cpuinfo("AMD EPYC", "avx2")) == "AMD EPYC (AVX2, no AVX-512)"
     assert describe_cpu("processor : 0\n") == "unknown CPU"
+    vm = cpuinfo("Intel(R) Xeon(R) Processor", "avx2 amx_bf16")
+    vm = vm.replace("model name", "cpu family\t: 6\nmodel\t\t: 207\nmodel name")
+    assert describe_cpu(vm) == "Intel(R) Xeon(R) Processor (family 6 model 207, AMX bf16)"
     assert describe_cpu().strip()  # this machine's, whatever it is
 
 
