@@ -50,7 +50,7 @@ def cpu_bf16_native() -> bool:
 
 
 def describe_cpu(cpuinfo: str | None = None) -> str:
-    """The CPU's model name, family and model numbers and its fastest bf16/vector path, e.g. 'AMD EPYC 9R14
+    """The CPU's model name, family and model numbers and its fastest bf16/vector path, e.g. 'AMD EPYC
     (family 25 model 17, AVX-512 bf16, no AMX)', from /proc/cpuinfo (or the given text): benchmark figures from
     two machines are not comparable without it."""
     if cpuinfo is None:
