@@ -56,9 +56,8 @@ class DeSTSeg(SegmentationGuidedModel):
                  "p_ap": 0.758, "iap": 0.764}
     # fast: a student encoder of 32 channels and a segmentation network of 64 (the paper's 64 and 256): 8.6x
     # less inference arithmetic, above the anomalib STFPM bar on bottle, but more than one paper-width sd
-    # short of the paper widths on one bottle metric (IAP@90 over 3 seeds, P-AUROC by 0.04 over 6) and, over
-    # 6 seeds, on three metal_plate ones (one seed fell apart; docs/RESULTS.md, "DeSTSeg on the CPUs people
-    # have"): opt-in.
+    # short of the paper widths on one bottle metric (IAP@90 over 3 seeds, P-AUROC by 0.04 over 6); on
+    # metal_plate within one sd over 6 seeds each (docs/RESULTS.md, "DeSTSeg on the CPUs people have"): opt-in.
     schedules = {"cpu": cpu_schedule,
                  "fast": lambda n_train: cpu_schedule(n_train, student_width=32, seg_width=64)}
 
