@@ -5,7 +5,7 @@ from PIL import Image
 
 from destseg.errors import CheckpointError
 from destseg.models import build_model, model_config
-from destseg.models.backbones import build_backbone, load_resnet18_weights, ResNet18
+from destseg.models.backbones import SameConv2d, build_backbone, load_resnet18_weights, ResNet18, same_pad
 
 
 @pytest.mark.parametrize("name, classes", [("chelsea", range(281, 286)), ("coffee", [967])])
@@ -146,8 +146,6 @@ def test_tesd_fixed_pooling_equals_adaptive_pooling(shape, size):
 def test_same_conv_equals_tensorflow_same_padding(kernel, stride, size):
     """SameConv2d pads inside the convolution at stride 1 and explicitly at stride 2: the same output as
     padding every input the TensorFlow way (the Lite0 weights' convention), for even and odd sizes."""
-    from destseg.models.backbones import SameConv2d, same_pad
-
     torch.manual_seed(0)
     conv = SameConv2d(4, 4, kernel, stride, groups=4, bias=False)
     x = torch.randn(2, 4, *size)
