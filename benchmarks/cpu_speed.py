@@ -152,8 +152,8 @@ def main() -> None:
     p.add_argument("--no-int8", action="store_true", help="skip the OpenVINO int8 rows")
     p.add_argument("--run", action="append", default=[], help="a trained run for the end-to-end rows")
     p.add_argument("--backends", nargs="+", default=["auto", "torch", "openvino"])
-    p.add_argument("--precision", default="auto", help="of the end-to-end rows (fp32 under an ISA cap: OpenVINO "
-                                                        "still sees the CPU's bf16 there, torch does not)")
+    p.add_argument("--precision", default="auto", help="of the end-to-end rows (auto: destseg test's default, "
+                                                        "int8 with OpenVINO on a CPU without native bf16)")
     p.add_argument("--accuracy", nargs=2, metavar=("ROOT", "CATEGORY"), help="train and test each configuration")
     p.add_argument("--texture-dir")
     p.add_argument("--seeds", type=int, default=1)

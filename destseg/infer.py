@@ -72,15 +72,24 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
     """A run's model for inference with ``backend``: ``torch`` (batch norms folded, channels_last on CPU;
     ``compile``: auto|on|off, see :func:`destseg.device.should_compile`), ``openvino`` (CPU, the run's
     cached IR) or ``auto`` (:func:`resolve_backend`; a model OpenVINO cannot take runs in PyTorch, with a
-    warning)."""
+    warning). ``precision`` auto on OpenVINO: int8 where :func:`destseg.openvino_ir.auto_int8` says so (a CPU
+    without native bf16), bf16 where the CPU runs it natively, else fp32."""
     run = Run(run_dir)
     chosen = resolve_backend(backend, device, compile, precision)
     if chosen == "openvino":
-        from destseg.openvino_ir import OpenVINOModel, run_ir
+        from destseg.openvino_ir import OpenVINOModel, auto_int8, run_ir
 
         if device not in ("auto", "cpu"):
             raise DestsegError(f"--backend openvino runs on the CPU, not --device {device}")
         ckpt = run.checkpoint()  # a missing or corrupt run is said as such, whatever the engine
+        if precision == "auto" and auto_int8(run.path, ckpt["model"]):
+            try:
+                model = OpenVINOModel(run_ir(run.path, int8=True), "int8")
+                return InferenceModel(model, run, run.config, ckpt["model"], torch.device("cpu"), None,
+                                      "openvino int8", _light(ckpt), "openvino")
+            except Exception as exc:  # NNCF's errors have no common class; int8 was not asked for: fp32 instead
+                warnings.warn(f"int8 could not be made for this run ({str(exc).strip().splitlines()[-1]}); "
+                              "running it in fp32", stacklevel=2)
         try:
             model = OpenVINOModel(run_ir(run.path, int8=precision == "int8"), precision)
         except (DestsegError, RuntimeError) as exc:  # export, conversion, or compilation for this CPU

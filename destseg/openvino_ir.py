@@ -11,9 +11,12 @@ then use the run anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -97,6 +100,8 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
                            f"records none that can be read (data: {run.record.get('data')}); quantise where they "
                            "are (`destseg test --run RUN --precision int8`) and copy the run folder with its "
                            "openvino/ folder")
+    print(f"destseg: quantising {run.path} to int8 once ({len(paths)} good training images and an anomalous copy "
+          f"of each calibrate it; kept in {out_dir})", file=sys.stderr, flush=True)
     cfg = run.config
     images = TestDataset([TestSample(p, 0, None, "good") for p in paths], cfg.image_size,
                          backbone_spec(cfg.teacher).normalize)
@@ -109,10 +114,11 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
     overflow_fix = nncf.OverflowFix(QUANTIZATION["overflow_fix"])
     calibration = _Calibration(images, backbone_spec(cfg.teacher).normalize,
                                gray=(run.record.get("resolved") or {}).get("anomaly_color") == "gray")
-    quantized = nncf.quantize(ov.Core().read_model(str(ir)), nncf.Dataset(calibration), subset_size=len(calibration),
-                              preset=nncf.QuantizationPreset(QUANTIZATION["preset"]),
-                              advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=overflow_fix),
-                              ignored_scope=nncf.IgnoredScope(patterns=FP32_SCOPE, validate=False))
+    with _nncf_to_stderr():
+        quantized = nncf.quantize(ov.Core().read_model(str(ir)), nncf.Dataset(calibration),
+                                  subset_size=len(calibration), preset=nncf.QuantizationPreset(QUANTIZATION["preset"]),
+                                  advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=overflow_fix),
+                                  ignored_scope=nncf.IgnoredScope(patterns=FP32_SCOPE, validate=False))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         ov.save_model(quantized, str(Path(tmp) / "ir" / IR_NAME), compress_to_fp16=False)
@@ -121,6 +127,26 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
             shutil.rmtree(out_dir)
         os.replace(Path(tmp) / "ir", out_dir)
     return out_dir / IR_NAME
+
+
+@contextlib.contextmanager
+def _nncf_to_stderr():
+    """NNCF writes its progress bars and its log (a handler bound to stdout when it was imported) to stdout,
+    which ``destseg test --json`` keeps for its JSON: both go to stderr while it quantises, its INFO lines
+    (one per layer left in fp32) are dropped, and all is put back after."""
+    logger = logging.getLogger("nncf")
+    handlers = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    streams, level = [h.stream for h in handlers], logger.level
+    try:
+        for h in handlers:
+            h.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed by now
+        logger.setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h, stream in zip(handlers, streams):
+            h.stream = stream
+        logger.setLevel(level)
 
 
 class _Calibration:
@@ -163,6 +189,29 @@ def _made_from(folder: Path) -> str | None:
         return json.loads((folder / SOURCE_NAME).read_text()).get("checkpoint_sha256")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def auto_int8(run_dir: Path | str, model_name: str) -> bool:
+    """Whether ``--precision auto`` runs this run in int8 here: a model whose int8 accuracy was measured
+    (``int8_by_default``: DeSTSeg) on a CPU without native bf16 (AVX2, AVX-512 without bf16), where int8 is the
+    one engine past the yardstick (docs/BENCHMARKS.md) at fp32's accuracy (docs/RESULTS.md, "int8"), when the
+    run's int8 copy is cached or can be made here (NNCF installed, the training images readable); otherwise
+    fp32. On a CPU with native bf16, bf16."""
+    from destseg.models import MODELS
+
+    if cpu_bf16_native() or not getattr(MODELS.get(model_name), "int8_by_default", False):
+        return False
+    q = Path(run_dir) / "openvino" / "int8"
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    if (q / IR_NAME).is_file() and ckpt.is_file() and _made_from(q) == file_digest(ckpt):
+        return True
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return False
+    from destseg.run import Run
+
+    return bool(calibration_paths(Run(run_dir)))
 
 
 def run_ir(run_dir: Path | str, int8: bool = False) -> Path:

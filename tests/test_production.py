@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import struct
+import sys
 import zlib
 import torch
 from PIL import Image
@@ -435,6 +436,7 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
     from destseg.data import TestDataset
 
     run, root = tiny_run
+    shutil.rmtree(run / "openvino" / "int8", ignore_errors=True)  # made by the fixture where auto is int8
     seen = []
     real_getitem = TestDataset.__getitem__
     monkeypatch.setattr(TestDataset, "__getitem__", lambda self, i: (seen.append(self.samples[i].path),
@@ -551,5 +553,61 @@ def test_openvino_auto_precision_follows_torch_on_bf16(tiny_run, monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     import openvino as ov
 
-    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
         assert OpenVINOModel(ir, "auto").precision == "bf16"  # OpenVINO's own default where both agree
+
+
+def test_auto_precision_is_int8_on_a_cpu_without_native_bf16(tiny_run, monkeypatch):
+    """`--precision auto` on OpenVINO: int8 where oneDNN has no native bf16 and the int8 copy is cached or can
+    be made; fp32 where it cannot (no NNCF, no training images, a failed quantisation: with a warning)."""
+    pytest.importorskip("nncf")
+    import nncf
+
+    import destseg.openvino_ir as ovir
+
+    run, _ = tiny_run
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    shutil.rmtree(run / "openvino" / "int8", ignore_errors=True)  # made by the tests above
+    assert Detector.load(run).model.precision == "int8"  # quantised on first use
+    assert (run / "openvino" / "int8" / "model.xml").is_file()
+    from destseg.models import DeSTSeg
+
+    monkeypatch.setattr(DeSTSeg, "int8_by_default", False)  # a model whose int8 accuracy was not measured
+    assert Detector.load(run).model.precision == "f32"
+    monkeypatch.setattr(DeSTSeg, "int8_by_default", True)
+    monkeypatch.setattr(ovir, "calibration_paths", lambda run: [])
+    assert Detector.load(run).model.precision == "int8"  # cached: no training images needed
+    shutil.rmtree(run / "openvino" / "int8")
+    assert Detector.load(run).model.precision == "f32"  # neither cached nor makeable here
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+
+    def fails(*a, **k):
+        raise RuntimeError("quantisation failed\nsomething NNCF could not do")
+
+    monkeypatch.setattr(nncf, "quantize", fails)
+    with pytest.warns(UserWarning, match="int8 could not be made for this run .something NNCF could not do.; running it in fp32"):
+        assert Detector.load(run).model.precision == "f32"
+    with pytest.raises(DestsegError, match="something NNCF"):  # asked for: no fallback
+        Detector.load(run, precision="int8")
+    monkeypatch.setitem(sys.modules, "nncf", None)  # not installed
+    assert Detector.load(run).model.precision == "f32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    # native bf16: bf16 (f32 where OpenVINO lacks it; PyTorch, with a warning, where it cannot compile bf16)
+    assert getattr(Detector.load(run).model, "precision", "torch") != "int8"
+
+
+def test_test_json_stays_json_while_int8_is_made(tiny_run, capsys):
+    """NNCF prints progress bars and log lines to stdout; `destseg test --json` must print its JSON only."""
+    pytest.importorskip("nncf")
+    import logging
+
+    run, _ = tiny_run
+    shutil.rmtree(run / "openvino" / "int8", ignore_errors=True)
+    capsys.readouterr()
+    level = logging.getLogger("nncf").level
+    assert main(["test", "--run", str(run), "--json", "--no-progress", "--no-report", "--precision", "int8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["precision"] == "openvino int8"
+    assert "quantising" in err and "Statistics collection" in err
+    assert logging.getLogger("nncf").level == level  # put back

@@ -122,7 +122,9 @@ class Stage:
 class AnomalyModel(nn.Module):
     """What every model provides. Class attributes: ``name`` (its ``--model`` value), ``Config`` (its config
     dataclass), ``published`` (reference numbers: ``source`` and metric fractions), ``schedules``
-    (``{"cpu": fn(n_train) -> (config overrides, description)}``; ``paper`` is the config's defaults).
+    (``{"cpu": fn(n_train) -> (config overrides, description)}``; ``paper`` is the config's defaults),
+    ``int8_by_default`` (whether ``--precision auto`` may run it in int8 on a CPU without native bf16: only
+    where int8's accuracy was measured to match fp32's).
     Instances: ``stages(n_train)``, ``training_loss(stage, batch)`` and ``forward(x)`` -> ``{"map": (N, H, W),
     "score": (N,), ...}``."""
 
@@ -130,6 +132,7 @@ class AnomalyModel(nn.Module):
     Config: ClassVar[type]
     published: ClassVar[dict] = {}
     schedules: ClassVar[dict[str, Callable[[int], tuple[dict, str]]]] = {}
+    int8_by_default: ClassVar[bool] = False
 
     def __init__(self, config):
         super().__init__()
