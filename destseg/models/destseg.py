@@ -56,7 +56,7 @@ class DeSTSeg(SegmentationGuidedModel):
                  "p_ap": 0.758, "iap": 0.764}
     # fast: a student encoder of 32 channels and a segmentation network of 64 (the paper's 64 and 256): 8.6x
     # less inference arithmetic, above the anomalib STFPM bar on bottle, but more than one paper-width sd
-    # short of the paper widths on one bottle metric (IAP@90 over 3 seeds, P-AUROC by 0.04 over 6); on
+    # short of the paper widths on one bottle metric (P-AUROC: by 0.05 over 6 seeds against 4); on
     # metal_plate within one sd over 6 seeds each (docs/RESULTS.md, "DeSTSeg on the CPUs people have"): opt-in.
     schedules = {"cpu": cpu_schedule,
                  "fast": lambda n_train: cpu_schedule(n_train, student_width=32, seg_width=64)}
