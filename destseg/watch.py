@@ -348,7 +348,8 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
         raise DestsegError(f"{out}: another `destseg watch` is writing there") from None
     workers = io_workers(detector.device) if workers < 0 else workers
     watcher = Watcher(detector, input_dir, out, batch_size, settle_s, retry_s, output_size, workers, drift_window)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: started in the background (`destseg watch &`
+        signal.signal(sig, _interrupt)            # from a script) it inherits SIGINT ignored; training stops too
     before = watcher.results.count
     print(f"destseg watch: {input_dir} -> {out}/results.csv ({before} images already scored; threshold "
           f"{watcher.image_thr:.4g}; {'once' if once else 'Ctrl-C stops'})", flush=True)
