@@ -145,7 +145,7 @@ def test_watch_waits_for_a_slow_writer_and_skips_a_corrupt_file(line_run, tmp_pa
         proc.send_signal(signal.SIGINT)
         try:
             stdout, stderr = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:  # once in a full suite on a slow VM (2026-12-01); not reproduced alone
+        except subprocess.TimeoutExpired:  # e.g. a watcher that ignored SIGINT (started from a background job)
             proc.send_signal(signal.SIGABRT)  # with PYTHONFAULTHANDLER: every thread's stack on its stderr
             stdout, stderr = proc.communicate(timeout=30)
             pytest.fail(f"watch did not stop within 90 s of Ctrl-C; its threads then:\n{stderr}")
