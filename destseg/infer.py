@@ -82,25 +82,25 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
         if device not in ("auto", "cpu"):
             raise DestsegError(f"--backend openvino runs on the CPU, not --device {device}")
         ckpt = run.checkpoint()  # a missing or corrupt run is said as such, whatever the engine
+        model = None
         if precision == "auto" and auto_int8(run.path, ckpt["model"]):
             try:
                 model = OpenVINOModel(run_ir(run.path, int8=True), "int8")
-                return InferenceModel(model, run, run.config, ckpt["model"], torch.device("cpu"), None,
-                                      "openvino int8", _light(ckpt), "openvino")
             except Exception as exc:  # NNCF's errors have no common class; int8 was not asked for: fp32 instead
                 warnings.warn(f"int8 could not be made for this run ({str(exc).strip().splitlines()[-1]}); "
                               "running it in fp32", stacklevel=2)
-        try:
-            model = OpenVINOModel(run_ir(run.path, int8=precision == "int8"), precision)
-        except (DestsegError, RuntimeError) as exc:  # export, conversion, or compilation for this CPU
-            if backend == "openvino" or precision == "int8":  # asked for: no fallback
-                if isinstance(exc, DestsegError):
-                    raise
-                raise DestsegError(f"{run.path}: OpenVINO could not run it "
-                                   f"({str(exc).strip().splitlines()[-1]})") from exc
-            warnings.warn(f"OpenVINO could not take this run ({str(exc).strip().splitlines()[-1]}); running it in "
-                          "PyTorch", stacklevel=2)
-            return load_inference(run_dir, device, precision, "torch", compile)
+        if model is None:
+            try:
+                model = OpenVINOModel(run_ir(run.path, int8=precision == "int8"), precision)
+            except (DestsegError, RuntimeError) as exc:  # export, conversion, or compilation for this CPU
+                if backend == "openvino" or precision == "int8":  # asked for: no fallback
+                    if isinstance(exc, DestsegError):
+                        raise
+                    raise DestsegError(f"{run.path}: OpenVINO could not run it "
+                                       f"({str(exc).strip().splitlines()[-1]})") from exc
+                warnings.warn(f"OpenVINO could not take this run ({str(exc).strip().splitlines()[-1]}); running it "
+                              "in PyTorch", stacklevel=2)
+                return load_inference(run_dir, device, precision, "torch", compile)
         return InferenceModel(model, run, run.config, ckpt["model"], torch.device("cpu"), None,
                               f"openvino {model.precision}", _light(ckpt), "openvino")
     dev = resolve_device(device)
