@@ -12,6 +12,7 @@ then use the run anywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -191,6 +192,22 @@ def _made_from(folder: Path) -> str | None:
         return None
 
 
+def _checkpoint_sha(run_dir: Path | str) -> str | None:
+    """sha256 of the run's checkpoint (None where there is none): what each cached IR records it was made from
+    (modification times do not survive a copy). Hashed once per version of the file, not once per question."""
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    try:
+        st = ckpt.stat()
+    except OSError:
+        return None
+    return _file_sha(str(ckpt.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return file_digest(path)
+
+
 def auto_int8(run_dir: Path | str, model_name: str) -> bool:
     """Whether ``--precision auto`` runs this run in int8 here: a model whose int8 accuracy was measured
     (``int8_by_default``: DeSTSeg) on a CPU without native bf16 (AVX2, AVX-512 without bf16), where int8 is the
@@ -202,8 +219,8 @@ def auto_int8(run_dir: Path | str, model_name: str) -> bool:
     if cpu_bf16_native() or not getattr(MODELS.get(model_name), "int8_by_default", False):
         return False
     q = Path(run_dir) / "openvino" / "int8"
-    ckpt = Path(run_dir) / "checkpoint.pt"
-    if (q / IR_NAME).is_file() and ckpt.is_file() and _made_from(q) == file_digest(ckpt):
+    sha = _checkpoint_sha(run_dir)
+    if (q / IR_NAME).is_file() and sha is not None and _made_from(q) == sha:
         return True
     try:
         import nncf  # noqa: F401
@@ -220,8 +237,7 @@ def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
     records the checkpoint it was made from (``source.json``), so a run folder copied to another machine keeps
     its IRs: the int8 one above all, whose making needs the training images."""
     ir = Path(run_dir) / "openvino" / IR_NAME
-    ckpt = Path(run_dir) / "checkpoint.pt"  # what the IR was made from (modification times do not survive a copy)
-    sha = file_digest(ckpt) if ckpt.is_file() else None
+    sha = _checkpoint_sha(run_dir)
     stale = not ir.is_file() or _made_from(ir.parent) != sha or 'name="anomaly_map"' in _head(ir)
     if stale:
         export_openvino(run_dir, ir.parent, all_maps=True)
