@@ -75,11 +75,16 @@ FP32_SCOPE = [f".*/{module}/.*" for module in QUANTIZATION["fp32"]]  # their IR 
 
 
 def calibration_paths(run) -> list[Path]:
-    """The run's good training images that calibrate its int8 copy ([] where they cannot be read here)."""
+    """The run's good training images that calibrate its int8 copy ([] where they cannot be read here), less
+    the ones its thresholds were set on (RUN/calibration.json) when some were held out of training: the
+    thresholds stay set on images the model, int8 copy included, never saw."""
     try:
-        return run.data.scan().train[:INT8_CALIBRATION_IMAGES] if run.data else []
+        paths = run.data.scan().train if run.data else []
     except DestsegError:  # the dataset folder is not on this machine
         return []
+    held = {Path(f).name for f in (run.calibration() or {}).get("files", [])}
+    trained = [p for p in paths if p.name not in held]
+    return (trained or paths)[:INT8_CALIBRATION_IMAGES]  # none left: the thresholds are on the training images
 
 
 def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:

@@ -492,6 +492,23 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
         Detector.load(run, precision="int8", backend="torch")
 
 
+def test_int8_calibration_leaves_out_the_images_the_thresholds_were_set_on(tiny_run, tmp_path):
+    """Good images held out of training for the thresholds stay unseen by the int8 copy too; thresholds set on
+    the training images themselves leave those to calibrate on."""
+    from destseg.openvino_ir import calibration_paths
+    from destseg.run import Run
+
+    run, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("openvino", "checkpoint.pt"))
+    train = Run(copy).data.scan().train
+    assert len(train) >= 3
+    (copy / "calibration.json").write_text(json.dumps({"what": "held out", "files": [str(p) for p in train[:2]]}))
+    assert calibration_paths(Run(copy)) == train[2:]
+    (copy / "calibration.json").write_text(json.dumps({"what": "seen", "files": [str(p) for p in train]}))
+    assert calibration_paths(Run(copy)) == train
+
+
 def test_a_copied_run_keeps_its_int8_ir_and_a_new_checkpoint_remakes_it(tiny_run, tmp_path, monkeypatch):
     """The cached IRs record the checkpoint they were made from: a run copied to a line PC (new modification
     times, no training images there) runs int8 without quantising again; another checkpoint remakes both."""
