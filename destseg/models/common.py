@@ -236,23 +236,25 @@ def _clamp(value: float, bounds: tuple[int, int]) -> int:
     return int(min(max(round(value), bounds[0]), bounds[1]))
 
 
-def cpu_steps(n_train: int) -> tuple[int, int]:
+def cpu_steps(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMENTATION_STEPS) -> tuple[int, int]:
     """(student steps, segmentation steps) of the cpu schedule for ``n_train`` training images."""
     student = _clamp(CPU_STUDENT_EPOCHS * n_train / CPU_BATCH, CPU_STUDENT_STEPS)
-    segmentation = _clamp(CPU_SEGMENTATION_EPOCHS * n_train / CPU_BATCH, CPU_SEGMENTATION_STEPS)
+    segmentation = _clamp(CPU_SEGMENTATION_EPOCHS * n_train / CPU_BATCH, segmentation_bounds)
     return student, segmentation
 
 
-def cpu_schedule(n_train: int, **widths) -> tuple[dict, str]:
-    """The cpu schedule of a two-stage model: the Lite0 teacher, batch 16, the data-following step counts,
-    and the network ``widths`` (config fields) measured to keep its accuracy on a CPU."""
-    student, segmentation = cpu_steps(n_train)
+def cpu_schedule(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMENTATION_STEPS,
+                 **widths) -> tuple[dict, str]:
+    """The cpu schedule of a two-stage model: the Lite0 teacher, batch 16, the data-following step counts
+    (the segmentation stage's clamped to ``segmentation_bounds``), and the network ``widths`` (config fields)
+    measured to keep its accuracy on a CPU."""
+    student, segmentation = cpu_steps(n_train, segmentation_bounds)
     shape = "".join(f", {k.replace('_', ' ')} {v}" for k, v in widths.items())
     return ({"teacher": CPU_TEACHER, "batch_size": CPU_BATCH, "student_steps": student,
              "steps": student + segmentation, **widths},
             f"cpu schedule: {CPU_TEACHER} teacher{shape}, batch 16, {student} student + {segmentation} "
             f"segmentation steps for {n_train} training images ({CPU_STUDENT_EPOCHS:.1f} + "
-            f"{CPU_SEGMENTATION_EPOCHS:.1f} epochs, clamped to {CPU_STUDENT_STEPS} and {CPU_SEGMENTATION_STEPS})")
+            f"{CPU_SEGMENTATION_EPOCHS:.1f} epochs, clamped to {CPU_STUDENT_STEPS} and {segmentation_bounds})")
 
 
 class SegmentationGuidedModel(AnomalyModel):
