@@ -82,8 +82,9 @@ def calibration_paths(run) -> list[Path]:
         paths = run.data.scan().train if run.data else []
     except DestsegError:  # the dataset folder is not on this machine
         return []
-    held = {Path(f).name for f in (run.calibration() or {}).get("files", [])}
-    trained = [p for p in paths if p.name not in held]
+    # by path, not name: a recalibration's good test images share names (000.png) with training images
+    held = {os.path.realpath(f) for f in (run.calibration() or {}).get("files", [])}
+    trained = [p for p in paths if os.path.realpath(p) not in held]
     return (trained or paths)[:INT8_CALIBRATION_IMAGES]  # none left: the thresholds are on the training images
 
 

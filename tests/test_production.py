@@ -507,6 +507,10 @@ def test_int8_calibration_leaves_out_the_images_the_thresholds_were_set_on(tiny_
     assert calibration_paths(Run(copy)) == train[2:]
     (copy / "calibration.json").write_text(json.dumps({"what": "seen", "files": [str(p) for p in train]}))
     assert calibration_paths(Run(copy)) == train
+    # good test images recalibrated on share the training images' names, not their paths
+    same_names = [str(p.parent.parent.parent / "test" / "good" / p.name) for p in train[:2]]
+    (copy / "calibration.json").write_text(json.dumps({"what": "recalibrated", "files": same_names}))
+    assert calibration_paths(Run(copy)) == train
 
 
 def test_a_copied_run_keeps_its_int8_ir_and_a_new_checkpoint_remakes_it(tiny_run, tmp_path, monkeypatch):
