@@ -60,7 +60,7 @@ class DeSTSeg(SegmentationGuidedModel):
     # less inference arithmetic, above the anomalib STFPM bar on bottle, but more than one paper-width sd
     # short of the paper widths on one bottle metric (P-AUROC: by 0.05 over 6 seeds against 4): opt-in. Its
     # segmentation stage runs at least 300 steps: at the cpu schedule's 150 (metal_plate's 54 images) one
-    # seed in six collapsed; at 300 metal_plate seeds 3-5 are at or above the paper widths on every metric
+    # seed in six collapsed; at 300 its 6-seed means are above the paper widths' on every metric
     # (docs/RESULTS.md, "DeSTSeg on the CPUs people have").
     schedules = {"cpu": cpu_schedule,
                  "fast": lambda n_train: cpu_schedule(n_train, FAST_SEGMENTATION_STEPS, student_width=32,
