@@ -67,6 +67,12 @@ def resolve_backend(backend: str, device: str, compile: str = "auto", precision:
     return "openvino"
 
 
+def _last_line(exc: BaseException) -> str:
+    """The last line of an engine's error (OpenVINO's and NNCF's run to pages), or its type where it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
+
+
 def load_inference(run_dir, device: str = "auto", precision: str = "auto", backend: str = "auto",
                    compile: str = "auto") -> InferenceModel:
     """A run's model for inference with ``backend``: ``torch`` (batch norms folded, channels_last on CPU;
@@ -87,7 +93,7 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
             try:
                 model = OpenVINOModel(run_ir(run.path, int8=True), "int8")
             except Exception as exc:  # NNCF's errors have no common class; int8 was not asked for: fp32 instead
-                warnings.warn(f"int8 could not be made for this run ({str(exc).strip().splitlines()[-1]}); "
+                warnings.warn(f"int8 could not be made for this run ({_last_line(exc)}); "
                               "running it in fp32", stacklevel=2)
         if model is None:
             try:
@@ -97,8 +103,8 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
                     if isinstance(exc, DestsegError):
                         raise
                     raise DestsegError(f"{run.path}: OpenVINO could not run it "
-                                       f"({str(exc).strip().splitlines()[-1]})") from exc
-                warnings.warn(f"OpenVINO could not take this run ({str(exc).strip().splitlines()[-1]}); running it "
+                                       f"({_last_line(exc)})") from exc
+                warnings.warn(f"OpenVINO could not take this run ({_last_line(exc)}); running it "
                               "in PyTorch", stacklevel=2)
                 return load_inference(run_dir, device, precision, "torch", compile)
         return InferenceModel(model, run, run.config, ckpt["model"], torch.device("cpu"), None,

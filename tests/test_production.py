@@ -559,6 +559,14 @@ def test_backend_auto_is_openvino_on_a_cpu_and_falls_back_to_torch_with_a_warnin
     with pytest.raises(DestsegError, match="OpenVINO could not run it .*descriptors list is empty"):
         Detector.load(run, backend="openvino")
 
+    def cannot_say_why(*a, **k):
+        raise RuntimeError()
+
+    monkeypatch.setattr(ovir, "OpenVINOModel", cannot_say_why)  # an error without a message: named by its type
+    with pytest.warns(UserWarning, match=r"OpenVINO could not take this run \(RuntimeError\); running it in PyTorch"):
+        assert isinstance(Detector.load(run).model, torch.nn.Module)
+    monkeypatch.setattr(ovir, "OpenVINOModel", cannot_compile)
+
 
 def test_openvino_auto_precision_follows_torch_on_bf16(tiny_run, monkeypatch):
     """OpenVINO's `auto` runs bf16 only where oneDNN does: OpenVINO alone reads the CPU's flags, and under
