@@ -228,13 +228,22 @@ def auto_int8(run_dir: Path | str, model_name: str) -> bool:
     sha = _checkpoint_sha(run_dir)
     if (q / IR_NAME).is_file() and sha is not None and _made_from(q) == sha:
         return True
+    why = "this CPU has no native bf16, where this model runs fastest in int8, but "
+    fp32 = "; running it in fp32 (--precision fp32 says so and silences this)"
     try:
         import nncf  # noqa: F401
     except ImportError:
+        warnings.warn(why + "NNCF, which makes the int8 copy, is not installed (pip install 'destseg[int8]')" + fp32,
+                      stacklevel=3)
         return False
     from destseg.run import Run
 
-    return bool(calibration_paths(Run(run_dir)))
+    if calibration_paths(Run(run_dir)):
+        return True
+    warnings.warn(why + "the run has no int8 copy and its training images, which make one, are not here (make it "
+                  f"where they are: destseg test --run {run_dir} --precision int8, then copy the run)" + fp32,
+                  stacklevel=3)
+    return False
 
 
 def run_ir(run_dir: Path | str, int8: bool = False) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import struct
 import sys
+import warnings
 import zlib
 import torch
 from PIL import Image
@@ -588,7 +589,8 @@ def test_openvino_auto_precision_follows_torch_on_bf16(tiny_run, monkeypatch):
 
 def test_auto_precision_is_int8_on_a_cpu_without_native_bf16(tiny_run, monkeypatch):
     """`--precision auto` on OpenVINO: int8 where oneDNN has no native bf16 and the int8 copy is cached or can
-    be made; fp32 where it cannot (no NNCF, no training images, a failed quantisation: with a warning)."""
+    be made; fp32 where it cannot (no NNCF, no training images, a failed quantisation), each with a warning that
+    says why; a model whose int8 accuracy was not measured: fp32 without one."""
     pytest.importorskip("nncf")
     import nncf
 
@@ -602,12 +604,15 @@ def test_auto_precision_is_int8_on_a_cpu_without_native_bf16(tiny_run, monkeypat
     from destseg.models import DeSTSeg
 
     monkeypatch.setattr(DeSTSeg, "int8_by_default", False)  # a model whose int8 accuracy was not measured
-    assert Detector.load(run).model.precision == "f32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp32 is its default: nothing to warn about
+        assert Detector.load(run).model.precision == "f32"
     monkeypatch.setattr(DeSTSeg, "int8_by_default", True)
     monkeypatch.setattr(ovir, "calibration_paths", lambda run: [])
     assert Detector.load(run).model.precision == "int8"  # cached: no training images needed
     shutil.rmtree(run / "openvino" / "int8")
-    assert Detector.load(run).model.precision == "f32"  # neither cached nor makeable here
+    with pytest.warns(UserWarning, match="no int8 copy and its training images, which make one, are not here"):
+        assert Detector.load(run).model.precision == "f32"  # neither cached nor makeable here
     monkeypatch.undo()
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
 
@@ -620,7 +625,8 @@ def test_auto_precision_is_int8_on_a_cpu_without_native_bf16(tiny_run, monkeypat
     with pytest.raises(DestsegError, match="something NNCF"):  # asked for: no fallback
         Detector.load(run, precision="int8")
     monkeypatch.setitem(sys.modules, "nncf", None)  # not installed
-    assert Detector.load(run).model.precision == "f32"
+    with pytest.warns(UserWarning, match=r"NNCF, which makes the int8 copy, is not installed .pip install 'destseg\[int8\]'.; running it in fp32"):
+        assert Detector.load(run).model.precision == "f32"
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     # native bf16: bf16 (f32 where OpenVINO lacks it; PyTorch, with a warning, where it cannot compile bf16)
     assert getattr(Detector.load(run).model, "precision", "torch") != "int8"
