@@ -350,8 +350,9 @@ def _train_parser(p) -> None:
                    help="auto (default): cpu on a CPU, paper on a GPU; paper: the SPEC's schedule; cpu: the "
                         "model's schedule sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that follow the "
                         "training set); fast: cpu with DeSTSeg's student at 32 channels and its "
-                        "segmentation network at 64, trained for at least 300 steps (8.6x less inference "
-                        "arithmetic, slightly lower metrics on bottle: docs/RESULTS.md); or a JSON file "
+                        "segmentation network at 64, trained for at least 300 steps from twice the paper's "
+                        "rates decayed to 0 (8.6x less inference arithmetic, slightly lower P-AUROC on bottle: "
+                        "docs/RESULTS.md); or a JSON file "
                         "{model: {field: value}}. Explicit flags override it")
     p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
                                          "cumulative share of the budget; the steps trained are recorded)")

@@ -142,7 +142,8 @@ class Loop:
         """Steps ``step .. offset + stage.steps`` of training (fewer when the deadline passes), then a checkpoint."""
         model, d = self.model, self.dist
         stage.freeze_others(model)
-        optimizer = self._optimizer(stage)
+        base_lrs = [g["lr"] for g in stage.param_groups]  # the optimizer shares these dicts, and a resumed one
+        optimizer = self._optimizer(stage)                 # holds the rates of its last step
         loader = self._loader(stage, index, offset, train_ds, workers)
         self.bar.set_description(f"{self.model_name}:{stage.name}")
         self.loss_avg = None
@@ -157,6 +158,8 @@ class Loop:
                     loss = model.training_loss(stage.name, batch)
                 optimizer.zero_grad(set_to_none=True)
                 (loss * (d.world_size if stage.sums_batch else 1)).backward()
+                for group, lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = lr * stage.lr_factor(self.step - offset)
                 optimizer.step()
                 self.step += 1
                 self.records[stage.name]["trained"] += 1

@@ -68,9 +68,11 @@ def test_train_save_reload_predict_identically(tmp_path, tiny_mvtec, model):
     assert pred.is_defect is not None  # thresholds were stored by evaluate_run
 
 
-def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkeypatch):
+@pytest.mark.parametrize("schedule", [{}, {"seg_lr_decay": "cosine", "student_steps": 2}])
+def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkeypatch, schedule):
+    # cosine: stopped after 2 of 4 segmentation steps, so the resumed optimizer holds rates already decayed
     full = tmp_path / "full"
-    tiny_train(full, tiny_mvtec)
+    tiny_train(full, tiny_mvtec, **schedule)
     part = tmp_path / "part"
     # Interrupt with SIGTERM during step 4 (in the segmentation stage), as a scheduler would.
     import destseg.train as tr
@@ -90,7 +92,7 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkey
 
     monkeypatch.setattr(tr.tqdm, "update", update)
     with pytest.raises(tr.TrainingInterrupted) as stopped:
-        tiny_train(part, tiny_mvtec)
+        tiny_train(part, tiny_mvtec, **schedule)
     assert "step 4/6" in str(stopped.value), (str(stopped.value), calls)  # once flaky in the full suite: who updated
     monkeypatch.setattr(tr.tqdm, "update", real_update)
     assert load_checkpoint(part / "checkpoint.pt")["step"] == 4
@@ -100,6 +102,10 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkey
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if schedule:  # the decay changed the segmentation network (and only it)
+        tiny_train(tmp_path / "constant", tiny_mvtec, student_steps=2)
+        c = load_checkpoint(tmp_path / "constant" / "checkpoint.pt")["model_state"]
+        assert {k.split(".")[0] for k in a if not torch.equal(a[k], c[k])} == {"segmentation"}
 
 
 def test_same_seed_same_metrics(tmp_path, tiny_mvtec):
@@ -225,7 +231,8 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
         and "54 training images" in words
     # fast: the narrow segmentation network trains at least 300 steps (150 let a metal_plate seed collapse)
     fast, words = schedule_overrides("fast", "destseg", 54)
-    assert fast == {**overrides, "steps": 600, "student_width": 32, "seg_width": 64} and "300 segmentation" in words
+    assert fast == {**overrides, "steps": 600, "student_width": 32, "seg_width": 64, "lr_res": 0.2, "lr_head": 0.02,
+                    "seg_lr_decay": "cosine"} and "300 segmentation" in words
     assert schedule_overrides("fast", "destseg", 209)[0]["steps"] == 900  # bottle: as measured
     fast_stfpm, words = schedule_overrides("fast", "stfpm", 54)  # no fast schedule: its cpu one, said so
     assert fast_stfpm == schedule_overrides("cpu", "stfpm", 54)[0] and "no fast schedule" in words

@@ -10,6 +10,7 @@ to add one (``tests/test_model_contract.py`` is the worked example).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -105,6 +106,11 @@ class Stage:
     sums_batch: bool = False  # the loss sums over the batch: scaled by the world size under torchrun
     validate_every: int | None = None  # keep the weights with the lowest mean map on validation images
     min_batch: int = 1  # images per process and step the stage needs (BatchNorm over one value per image)
+    lr_decay: str = "none"  # none: constant learning rates; cosine: from the groups' rates down to 0 over the stage
+
+    def lr_factor(self, step: int) -> float:
+        """The factor of the groups' learning rates at ``step`` (0-based) of the stage."""
+        return 0.5 * (1 + math.cos(math.pi * step / self.steps)) if self.lr_decay == "cosine" else 1.0
 
     def freeze_others(self, model: nn.Module) -> None:
         """Only this stage's parameters take gradients."""

@@ -198,6 +198,9 @@ class SegmentationGuidedConfig(ModelConfig):
     lr_student: float = option(0.4, "stage-1 learning rate", _positive, "positive", flag=None)
     lr_res: float = option(0.1, "stage-2 learning rate of the residual blocks", _positive, "positive", flag=None)
     lr_head: float = option(0.01, "stage-2 learning rate of the ASPP and head", _positive, "positive", flag=None)
+    seg_lr_decay: str = option("none", "stage-2 learning rates over the stage: none (constant, the paper's) or "
+                                       "cosine (from lr_res and lr_head down to 0)",
+                               lambda v: v in ("none", "cosine"), "none or cosine", flag=None)
     focal_gamma: float = option(4.0, "focal loss gamma", lambda v: v >= 0, "0 or more", flag=None)
     top_k: int = option(100, "image score: mean of the top-k map values", lambda v: v >= 1, "at least 1", flag=None)
     seg_width: int = option(256, "channels of the segmentation network (default 256 as the paper; 128 and 64 "
@@ -244,14 +247,14 @@ def cpu_steps(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMENTAT
 
 
 def cpu_schedule(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMENTATION_STEPS,
-                 **widths) -> tuple[dict, str]:
+                 **fields) -> tuple[dict, str]:
     """The cpu schedule of a two-stage model: the Lite0 teacher, batch 16, the data-following step counts
-    (the segmentation stage's clamped to ``segmentation_bounds``), and the network ``widths`` (config fields)
-    measured to keep its accuracy on a CPU."""
+    (the segmentation stage's clamped to ``segmentation_bounds``), and the other config ``fields`` (network
+    widths, stage-2 rates) measured to keep its accuracy on a CPU."""
     student, segmentation = cpu_steps(n_train, segmentation_bounds)
-    shape = "".join(f", {k.replace('_', ' ')} {v}" for k, v in widths.items())
+    shape = "".join(f", {k.replace('_', ' ')} {v}" for k, v in fields.items())
     return ({"teacher": CPU_TEACHER, "batch_size": CPU_BATCH, "student_steps": student,
-             "steps": student + segmentation, **widths},
+             "steps": student + segmentation, **fields},
             f"cpu schedule: {CPU_TEACHER} teacher{shape}, batch 16, {student} student + {segmentation} "
             f"segmentation steps for {n_train} training images ({CPU_STUDENT_EPOCHS:.1f} + "
             f"{CPU_SEGMENTATION_EPOCHS:.1f} epochs, clamped to {CPU_STUDENT_STEPS} and {segmentation_bounds})")
@@ -297,7 +300,7 @@ class SegmentationGuidedModel(AnomalyModel):
                 {"params": list(self.segmentation.res.parameters()), "lr": c.lr_res},
                 {"params": list(self.segmentation.head.parameters()) + self.extra_segmentation_parameters(),
                  "lr": c.lr_head},
-            ], [self.segmentation] + self.extra_segmentation_modules(), min_batch=2))
+            ], [self.segmentation] + self.extra_segmentation_modules(), min_batch=2, lr_decay=c.seg_lr_decay))
         return stages
 
     def extra_segmentation_parameters(self) -> list[nn.Parameter]:
