@@ -229,7 +229,7 @@ def auto_int8(run_dir: Path | str, model_name: str) -> bool:
     if (q / IR_NAME).is_file() and sha is not None and _made_from(q) == sha:
         return True
     why = "this CPU has no native bf16, where this model runs fastest in int8, but "
-    fp32 = "; running it in fp32 (--precision fp32 says so and silences this)"
+    fp32 = "; running it in fp32 (--precision fp32 chooses that without this warning)"
     try:
         import nncf  # noqa: F401
     except ImportError:
