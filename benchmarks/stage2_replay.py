@@ -20,13 +20,15 @@ import torch
 from destseg.checkpoint import load_checkpoint, save_checkpoint
 from destseg.errors import DestsegError
 from destseg.models import build_model
-from destseg.run import Run
+from destseg.run import typed_config
 
 STUDENT_FIELDS = {"teacher", "image_size", "student_steps", "student_width", "student_arch", "lr_student",
                   "denoising", "batch_size"}
 
 
 def replay(old: Path, new: Path, changes: dict) -> None:
+    if new.exists():
+        raise DestsegError(f"{new}: exists; give a new folder")
     if STUDENT_FIELDS & changes.keys():
         raise DestsegError(f"{sorted(STUDENT_FIELDS & changes.keys())}: the student is reused, not retrained")
     ckpt = load_checkpoint(old / "checkpoint.pt")
@@ -35,9 +37,9 @@ def replay(old: Path, new: Path, changes: dict) -> None:
         raise DestsegError(f"{old}: not a finished DeSTSeg run")  # TESD keeps stage-2 weights elsewhere too
     record["config"].update(changes)
     record.pop("training", None)
+    config = typed_config(record["model"], record["config"], old / "config.json")  # checks the changed fields
     new.mkdir(parents=True)
     (new / "config.json").write_text(json.dumps(record, indent=2))
-    config = Run(new).config  # checks the changed fields
     torch.manual_seed(record["options"]["seed"])  # as train() seeds the weight initialisation
     state = build_model(record["model"], config, pretrained=True).state_dict()
     state.update({k: v for k, v in ckpt["model_state"].items() if not k.startswith("segmentation.")})
@@ -54,6 +56,11 @@ if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
     try:
-        replay(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]) if len(sys.argv) == 4 else {})
+        changes = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
+        if not isinstance(changes, dict):
+            raise DestsegError(f"{sys.argv[3]}: not a JSON object of config fields")
+        replay(Path(sys.argv[1]), Path(sys.argv[2]), changes)
+    except json.JSONDecodeError as exc:
+        sys.exit(f"stage2_replay: {sys.argv[3]}: invalid JSON ({exc})")
     except DestsegError as exc:
         sys.exit(f"stage2_replay: {exc}")
