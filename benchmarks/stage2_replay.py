@@ -44,10 +44,10 @@ def replay(old: Path, new: Path, changes: dict) -> None:
     state = build_model(record["model"], config, pretrained=True).state_dict()
     state.update({k: v for k, v in ckpt["model_state"].items() if not k.startswith("segmentation.")})
     student = config.student_steps
+    # the finished run's checkpoint, wound back to the end of stage 1 (its other entries kept as they are)
     save_checkpoint(new / "checkpoint.pt", {
-        "model": record["model"], "config": record["config"], "teacher": config.teacher, "step": student,
-        "stage": "student", "finished": False, "seed": record["options"]["seed"], "elapsed_s": 0.0,
-        "model_state": state, "optimizer_state": None, "best": None, "peak_gpu_mib": None,
+        **ckpt, "config": record["config"], "step": student, "stage": "student", "finished": False,
+        "elapsed_s": 0.0, "model_state": state, "optimizer_state": None, "best": None,
         "stages": [{"name": "student", "planned": student, "trained": student},
                    {"name": "segmentation", "planned": config.steps - student, "trained": 0}]})
 
