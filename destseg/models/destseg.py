@@ -58,7 +58,7 @@ class DeSTSeg(SegmentationGuidedModel):
                  "p_ap": 0.758, "iap": 0.764}
     # fast: a student encoder of 32 channels and a segmentation network of 64 (the paper's 64 and 256): 8.6x
     # less inference arithmetic, above the anomalib STFPM bar on bottle, but more than one paper-width sd
-    # short of the paper widths on one bottle metric (P-AUROC: by 0.05 over 6 seeds against 4): opt-in. Its
+    # short of the paper widths on one bottle metric (P-AUROC: by 0.06 over 6 seeds against 5): opt-in. Its
     # segmentation stage runs at least 300 steps: at the cpu schedule's 150 (metal_plate's 54 images) one
     # seed in six collapsed; at 300 its 6-seed means are above the paper widths' on every metric
     # (docs/RESULTS.md, "DeSTSeg on the CPUs people have"). Its stage 2 starts from twice the paper's rates and
