@@ -37,6 +37,7 @@ from flops import count, measured_peak_gflops  # benchmarks/flops.py, beside thi
 from speed import images_per_s  # benchmarks/speed.py, beside this script
 
 BATCH = 16
+SEG_BATCH = 8  # the cpu schedule's segmentation-stage batch (destseg/models/destseg.py)
 
 
 def yardstick(warmup: int, iters: int) -> float:
@@ -48,13 +49,15 @@ def yardstick(warmup: int, iters: int) -> float:
 
 
 def training_rates(config, warmup: int, iters: int) -> dict[str, float]:
-    """Images/s of a training step of each stage (fp32)."""
+    """Images/s of a training step of each stage (fp32), at the stage's own batch size."""
     model = prepare_model(build_model("destseg", config, pretrained=False), torch.device("cpu"), None)
     x = torch.randn(BATCH, 3, 256, 256).contiguous(memory_format=torch.channels_last)
-    batch = {"image": x, "augmented": x + 0.1 * torch.randn_like(x),
-             "mask": (torch.rand(BATCH, 1, 256, 256) > 0.7).float()}
+    full = {"image": x, "augmented": x + 0.1 * torch.randn_like(x),
+            "mask": (torch.rand(BATCH, 1, 256, 256) > 0.7).float()}
     rates = {}
     for stage in model.stages(100):
+        n = stage.batch_size or BATCH
+        batch = {k: v[:n] for k, v in full.items()}
         opt = torch.optim.SGD(stage.param_groups, lr=1e-3, momentum=0.9)
         stage.freeze_others(model)
         stage.train_mode(model)
@@ -65,7 +68,7 @@ def training_rates(config, warmup: int, iters: int) -> dict[str, float]:
             loss.backward()
             opt.step()
 
-        rates[stage.name] = images_per_s(step, BATCH, warmup, iters)
+        rates[stage.name] = images_per_s(step, n, warmup, iters)
     return rates
 
 
@@ -129,7 +132,8 @@ def end_to_end(run: str, backends: list[str], precision: str) -> dict[str, float
 
 
 def accuracy(root: str, category: str, widths: tuple[int, int], args) -> dict:
-    """Mean metrics of ``--seeds`` cpu-schedule runs of one configuration (``destseg benchmark``)."""
+    """Mean metrics of ``--seeds`` cpu-schedule runs of one configuration (``destseg benchmark``; the widths
+    given, the rest of the cpu schedule's stage 2 as it is: batches of 8 from twice the paper's rates, decayed)."""
     out = Path(args.out) / f"sw{widths[0]}-gw{widths[1]}"
     cmd = [sys.executable, "-m", "destseg", "benchmark", "--data", root, "--categories", category, "--models",
            "destseg", "--seeds", str(args.seeds), "--schedule", "cpu", "--out", str(out), "--no-progress"]
@@ -169,7 +173,8 @@ def main() -> None:
     base = yardstick(args.warmup + 1, args.iters + 2)
     peak = measured_peak_gflops()
     print(f"{describe_cpu()}{' with ' + ', '.join(f'{k}={v}' for k, v in cap.items()) if cap else ''}; "
-          f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}, 256x256, Lite0 teacher\n")
+          f"torch {torch.__version__}, {args.threads} threads, batch {BATCH} (training stage 2: {SEG_BATCH}), "
+          "256x256, Lite0 teacher\n")
     print(f"yardstick (ResNet18 eager fp32 forward): {base:.1f} img/s; fp32 peak (256-channel 3x3 conv at 64x64): "
           f"{peak:.0f} GFLOP/s\n")
     print("| student, seg. width | GFLOP/img inference | stage-1 train img/s | stage-2 train img/s | inference img/s "
@@ -177,7 +182,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for spec in args.config:
         sw, gw = (int(v) for v in spec.split(","))
-        config = model_config("destseg", teacher="efficientnet_lite0", student_width=sw, seg_width=gw)
+        config = model_config("destseg", teacher="efficientnet_lite0", student_width=sw, seg_width=gw,
+                              seg_batch_size=SEG_BATCH)
         flops = count("destseg", "efficientnet_lite0", student_width=sw, seg_width=gw)["inference"]
         train = training_rates(config, args.warmup, args.iters)
         infer = inference_rates(config, args.warmup, args.iters, int8)

@@ -349,11 +349,12 @@ def _train_parser(p) -> None:
     p.add_argument("--schedule", default="auto",
                    help="auto (default): cpu on a CPU, paper on a GPU; paper: the SPEC's schedule; cpu: the "
                         "model's schedule sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that follow the "
-                        "training set); fast: cpu with DeSTSeg's student at 32 channels and its "
-                        "segmentation network at 64, trained for at least 300 steps from twice the paper's "
-                        "rates decayed to 0 (8.6x less inference arithmetic, slightly lower P-AUROC on bottle: "
-                        "docs/RESULTS.md); or a JSON file "
-                        "{model: {field: value}}. Explicit flags override it")
+                        "training set; for DeSTSeg a student at 32 channels and a segmentation network at 64, "
+                        "trained in steps of 8 images from twice the paper's rates decayed to 0: 8.6x less "
+                        "inference arithmetic, docs/RESULTS.md); cpu-paper-widths: DeSTSeg's cpu schedule "
+                        "before 2026-12-01, the paper's widths and stage-2 rates at the same step counts; fast: "
+                        "the cpu schedule's former name; or a JSON file {model: {field: value}}. Explicit flags "
+                        "override it")
     p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
                                          "cumulative share of the budget; the steps trained are recorded)")
     for flag in model_flags().values():
@@ -491,7 +492,8 @@ def _benchmark_parser(p) -> None:
                    help="comma-separated category names (or dataset:category), or all: every category folder "
                         "with a train/ folder under each root")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--schedule", default="cpu", help="auto, paper, cpu, fast, or a JSON file (see train --help)")
+    p.add_argument("--schedule", default="cpu",
+                   help="auto, paper, cpu, cpu-paper-widths, fast, or a JSON file (see train --help)")
     p.add_argument("--teacher", default="efficientnet_lite0", choices=list(BACKBONES))
     p.add_argument("--texture-dir")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per (category, model)")

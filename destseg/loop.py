@@ -180,8 +180,9 @@ class Loop:
     def _loader(self, stage, index: int, offset: int, train_ds, workers: int):
         """The batches of the stage's remaining steps (one seeded sample stream per stage)."""
         d = self.dist
-        sampler = StepSampler(len(train_ds), self.config.batch_size, self.options.seed, stage.steps,
-                              start_step=self.step - offset, stream=index, rank=d.rank, world_size=d.world_size)
+        batch_size = stage.batch_size or self.config.batch_size
+        sampler = StepSampler(len(train_ds), batch_size, self.options.seed, stage.steps, start_step=self.step - offset,
+                              stream=index, rank=d.rank, world_size=d.world_size)
         return torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers,
                                            worker_init_fn=seed_worker, persistent_workers=False,
                                            pin_memory=self.device.type == "cuda")

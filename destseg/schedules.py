@@ -1,5 +1,6 @@
 """Training schedules: the paper's (each model config's defaults), the model's own named schedules (``cpu``;
-DeSTSeg's ``fast``), ``auto`` (cpu on a CPU, paper on a GPU), or a JSON file ``{model: {config field: value}}``.
+DeSTSeg's ``cpu-paper-widths`` and ``fast``), ``auto`` (cpu on a CPU, paper on a GPU), or a JSON file
+``{model: {config field: value}}``.
 
 A schedule maps to config overrides; explicit command-line flags override it. ``--time-budget``
 (TrainOptions.time_budget_s) can cap any schedule by wall time.
@@ -14,7 +15,7 @@ from pathlib import Path
 from destseg.errors import DestsegError
 from destseg.models import model_class
 
-SCHEDULE_NAMES = ("auto", "paper", "cpu", "fast")
+SCHEDULE_NAMES = ("auto", "paper", "cpu", "fast", "cpu-paper-widths")
 
 
 def resolve_schedule_name(name: str, device_type: str) -> str:
@@ -29,11 +30,11 @@ def schedule_overrides(name: str, model: str, n_train: int) -> tuple[dict, str]:
     ``cpu`` or a JSON file ``{model: {config field: value}}``; ``n_train``: the images that train."""
     if name == "paper":
         return {}, "paper (SPEC) schedule"
-    if name in ("cpu", "fast"):
+    if name in SCHEDULE_NAMES[2:]:
         schedules = model_class(model).schedules
         if name in schedules:
             return schedules[name](n_train)
-        if "cpu" in schedules:  # fast falls back to cpu
+        if "cpu" in schedules:  # the other names fall back to cpu
             overrides, words = schedules["cpu"](n_train)
             return overrides, f"{words} (model '{model}' has no {name} schedule)"
         return {}, f"paper (SPEC) schedule (model '{model}' has no {name} schedule)"
@@ -46,7 +47,7 @@ def schedule_overrides(name: str, model: str, n_train: int) -> tuple[dict, str]:
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise DestsegError(f"{path}: a schedule file maps model names to {{config field: value}} objects")
         return dict(table.get(model, {})), f"schedule file {path}"
-    raise DestsegError(f"--schedule '{name}': not auto, paper, cpu, fast, or an existing .json file")
+    raise DestsegError(f"--schedule '{name}': not {', '.join(SCHEDULE_NAMES)} or an existing .json file")
 
 
 def parse_duration(text: str) -> float:

@@ -182,15 +182,18 @@ def anomaly_source_in_words(synthesis: bool, texture_dir) -> str:
 
 
 def check_per_process_batch(stages, batch_size: int, world_size: int) -> None:
-    """--batch-size is global: each process must get a whole, large enough share of it for every stage."""
-    if batch_size % world_size:
-        raise DestsegError(f"--batch-size {batch_size} (global) is not divisible by the {world_size} processes")
-    stage = max(stages, key=lambda s: s.min_batch)
-    if batch_size // world_size < stage.min_batch:
-        raise DestsegError(
-            f"--batch-size {batch_size} leaves {batch_size // world_size} image per step to each of {world_size} "
-            f"process(es); the {stage.name} stage needs at least {stage.min_batch} per process: use --batch-size "
-            f"{stage.min_batch * world_size} or more")
+    """--batch-size (and a stage's own batch size) is global: each process must get a whole, large enough share
+    of it for every stage."""
+    for stage in stages:
+        batch = stage.batch_size or batch_size
+        what = f"--batch-size {batch}" if batch == batch_size else f"the {stage.name} stage's batch size {batch}"
+        if batch % world_size:
+            raise DestsegError(f"{what} (global) is not divisible by the {world_size} processes")
+        if batch // world_size < stage.min_batch:
+            raise DestsegError(
+                f"{what} leaves {batch // world_size} image per step to each of {world_size} process(es); the "
+                f"{stage.name} stage needs at least {stage.min_batch} per process: use "
+                f"{'--batch-size' if batch == batch_size else 'a batch size of'} {stage.min_batch * world_size} or more")
 
 
 # ------------------------------------------------------------------------------------------- training

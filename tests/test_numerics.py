@@ -80,3 +80,9 @@ def test_batch_of_one_per_process_is_refused_before_training(tmp_path, tiny_mvte
         check_per_process_batch(stages("tesd"), 4, 4)
     check_per_process_batch(stages("stfpm"), 4, 4)  # no pooled BatchNorm: fine
     check_per_process_batch(stages("destseg", segmentation=False), 1, 1)
+    # the segmentation stage's own batch size is checked as --batch-size is
+    with pytest.raises(DestsegError, match="segmentation stage's batch size 6 .* divisible by the 4 processes"):
+        check_per_process_batch(stages("destseg", seg_batch_size=6), 8, 4)
+    with pytest.raises(DestsegError, match="segmentation stage's batch size 4 leaves 1 image .* a batch size of 8"):
+        check_per_process_batch(stages("destseg", seg_batch_size=4), 8, 4)
+    check_per_process_batch(stages("destseg", seg_batch_size=8), 4, 4)  # the student's 1 per process is fine

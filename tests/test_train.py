@@ -68,11 +68,24 @@ def test_train_save_reload_predict_identically(tmp_path, tiny_mvtec, model):
     assert pred.is_defect is not None  # thresholds were stored by evaluate_run
 
 
-@pytest.mark.parametrize("schedule", [{}, {"seg_lr_decay": "cosine", "student_steps": 2}])
+@pytest.mark.parametrize("schedule", [{}, {"seg_lr_decay": "cosine", "student_steps": 2, "seg_batch_size": 2}])
 def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkeypatch, schedule):
-    # cosine: stopped after 2 of 4 segmentation steps, so the resumed optimizer holds rates already decayed
-    full = tmp_path / "full"
-    tiny_train(full, tiny_mvtec, **schedule)
+    # cosine: stopped after 2 of 4 segmentation steps, so the resumed optimizer holds rates already decayed; the
+    # segmentation stage's own batch size moves where its sample stream resumes
+    from destseg.models.common import SegmentationGuidedModel
+
+    full, seen = tmp_path / "full", []
+    real_loss = SegmentationGuidedModel.training_loss
+
+    def loss(model, stage, batch):
+        seen.append((stage, len(batch["image"])))
+        return real_loss(model, stage, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(SegmentationGuidedModel, "training_loss", loss)
+        tiny_train(full, tiny_mvtec, **schedule)
+    student = schedule.get("student_steps", TINY["student_steps"])
+    assert seen == [("student", 4)] * student + [("segmentation", schedule.get("seg_batch_size", 4))] * (6 - student)
     part = tmp_path / "part"
     # Interrupt with SIGTERM during step 4 (in the segmentation stage), as a scheduler would.
     import destseg.train as tr
@@ -102,7 +115,7 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_mvtec, monkey
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    if schedule:  # the decay changed the segmentation network (and only it)
+    if schedule:  # the decay and the batch size changed the segmentation network (and only it)
         tiny_train(tmp_path / "constant", tiny_mvtec, student_steps=2)
         c = load_checkpoint(tmp_path / "constant" / "checkpoint.pt")["model_state"]
         assert {k.split(".")[0] for k in a if not torch.equal(a[k], c[k])} == {"segmentation"}
@@ -226,14 +239,18 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
 
     assert cpu_steps(209) == (600, 300)  # MVTec bottle: the schedule measured in docs/RESULTS.md
     assert cpu_steps(54) == (300, 150) and cpu_steps(700) == (2010, 1005) and cpu_steps(10_000) == (2400, 1200)
-    overrides, words = schedule_overrides("cpu", "destseg", 54)
-    assert overrides == {"teacher": "efficientnet_lite0", "batch_size": 16, "student_steps": 300, "steps": 450} \
+    # the segmentation stage at batch 8: twice the steps, as many images seen; its bounds scale alike
+    assert cpu_steps(209, segmentation_batch=8) == (600, 600) and cpu_steps(54, (300, 1200), 8) == (300, 600)
+    wide, words = schedule_overrides("cpu-paper-widths", "destseg", 54)
+    assert wide == {"teacher": "efficientnet_lite0", "batch_size": 16, "student_steps": 300, "steps": 450} \
         and "54 training images" in words
-    # fast: the narrow segmentation network trains at least 300 steps (150 let a metal_plate seed collapse)
-    fast, words = schedule_overrides("fast", "destseg", 54)
-    assert fast == {**overrides, "steps": 600, "student_width": 32, "seg_width": 64, "lr_res": 0.2, "lr_head": 0.02,
-                    "seg_lr_decay": "cosine"} and "300 segmentation" in words
-    assert schedule_overrides("fast", "destseg", 209)[0]["steps"] == 900  # bottle: as measured
+    # cpu: the narrow segmentation network sees at least 300 batches of 16 images (150 let a metal_plate seed
+    # collapse), in steps of 8; fast is its former name
+    narrow, words = schedule_overrides("cpu", "destseg", 54)
+    assert narrow == {**wide, "steps": 900, "student_width": 32, "seg_width": 64, "lr_res": 0.2, "lr_head": 0.02,
+                      "seg_lr_decay": "cosine", "seg_batch_size": 8} and "600 segmentation" in words
+    assert schedule_overrides("fast", "destseg", 54) == (narrow, words)
+    assert schedule_overrides("cpu", "destseg", 209)[0]["steps"] == 1200  # bottle: as measured
     fast_stfpm, words = schedule_overrides("fast", "stfpm", 54)  # no fast schedule: its cpu one, said so
     assert fast_stfpm == schedule_overrides("cpu", "stfpm", 54)[0] and "no fast schedule" in words
     assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("2") == 120

@@ -107,6 +107,7 @@ class Stage:
     validate_every: int | None = None  # keep the weights with the lowest mean map on validation images
     min_batch: int = 1  # images per process and step the stage needs (BatchNorm over one value per image)
     lr_decay: str = "none"  # none: constant learning rates; cosine: from the groups' rates down to 0 over the stage
+    batch_size: int | None = None  # images per step (global under torchrun); None: the config's batch_size
 
     def lr_factor(self, step: int) -> float:
         """The factor of the groups' learning rates at ``step`` (0-based) of the stage."""

@@ -201,6 +201,8 @@ class SegmentationGuidedConfig(ModelConfig):
     seg_lr_decay: str = option("none", "stage-2 learning rates over the stage: none (constant, the paper's) or "
                                        "cosine (from lr_res and lr_head down to 0)",
                                lambda v: v in ("none", "cosine"), "none or cosine", flag=None)
+    seg_batch_size: int = option(0, "images per segmentation-stage step, global under torchrun (0, the default: "
+                                    "--batch-size)", lambda v: v >= 0, "0 or more")
     focal_gamma: float = option(4.0, "focal loss gamma", lambda v: v >= 0, "0 or more", flag=None)
     top_k: int = option(100, "image score: mean of the top-k map values", lambda v: v >= 1, "at least 1", flag=None)
     seg_width: int = option(256, "channels of the segmentation network (default 256 as the paper; 128 and 64 "
@@ -239,25 +241,32 @@ def _clamp(value: float, bounds: tuple[int, int]) -> int:
     return int(min(max(round(value), bounds[0]), bounds[1]))
 
 
-def cpu_steps(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMENTATION_STEPS) -> tuple[int, int]:
-    """(student steps, segmentation steps) of the cpu schedule for ``n_train`` training images."""
+def cpu_steps(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMENTATION_STEPS,
+              segmentation_batch: int = CPU_BATCH) -> tuple[int, int]:
+    """(student steps, segmentation steps) of the cpu schedule for ``n_train`` training images; the segmentation
+    stage's count (and its bounds, given for batch 16) for batches of ``segmentation_batch`` images: the same
+    number of images seen, in more steps of fewer."""
     student = _clamp(CPU_STUDENT_EPOCHS * n_train / CPU_BATCH, CPU_STUDENT_STEPS)
-    segmentation = _clamp(CPU_SEGMENTATION_EPOCHS * n_train / CPU_BATCH, segmentation_bounds)
+    scale = CPU_BATCH / segmentation_batch
+    segmentation = _clamp(CPU_SEGMENTATION_EPOCHS * n_train / segmentation_batch,
+                          (round(segmentation_bounds[0] * scale), round(segmentation_bounds[1] * scale)))
     return student, segmentation
 
 
 def cpu_schedule(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMENTATION_STEPS,
                  **fields) -> tuple[dict, str]:
     """The cpu schedule of a two-stage model: the Lite0 teacher, batch 16, the data-following step counts
-    (the segmentation stage's clamped to ``segmentation_bounds``), and the other config ``fields`` (network
-    widths, stage-2 rates) measured to keep its accuracy on a CPU."""
-    student, segmentation = cpu_steps(n_train, segmentation_bounds)
+    (the segmentation stage's clamped to ``segmentation_bounds``, given for batch 16), and the other config
+    ``fields`` (network widths, stage-2 rates and batch size) measured to keep its accuracy on a CPU."""
+    seg_batch = fields.get("seg_batch_size") or CPU_BATCH
+    student, segmentation = cpu_steps(n_train, segmentation_bounds, seg_batch)
     shape = "".join(f", {k.replace('_', ' ')} {v}" for k, v in fields.items())
     return ({"teacher": CPU_TEACHER, "batch_size": CPU_BATCH, "student_steps": student,
              "steps": student + segmentation, **fields},
             f"cpu schedule: {CPU_TEACHER} teacher{shape}, batch 16, {student} student + {segmentation} "
             f"segmentation steps for {n_train} training images ({CPU_STUDENT_EPOCHS:.1f} + "
-            f"{CPU_SEGMENTATION_EPOCHS:.1f} epochs, clamped to {CPU_STUDENT_STEPS} and {segmentation_bounds})")
+            f"{CPU_SEGMENTATION_EPOCHS:.1f} epochs, clamped to {CPU_STUDENT_STEPS} and {segmentation_bounds} "
+            f"at batch 16)")
 
 
 class SegmentationGuidedModel(AnomalyModel):
@@ -300,7 +309,8 @@ class SegmentationGuidedModel(AnomalyModel):
                 {"params": list(self.segmentation.res.parameters()), "lr": c.lr_res},
                 {"params": list(self.segmentation.head.parameters()) + self.extra_segmentation_parameters(),
                  "lr": c.lr_head},
-            ], [self.segmentation] + self.extra_segmentation_modules(), min_batch=2, lr_decay=c.seg_lr_decay))
+            ], [self.segmentation] + self.extra_segmentation_modules(), min_batch=2, lr_decay=c.seg_lr_decay,
+                batch_size=c.seg_batch_size or None))
         return stages
 
     def extra_segmentation_parameters(self) -> list[nn.Parameter]:
