@@ -82,6 +82,10 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
     if run.exists() and info.get("train_args", []) != extra:
         raise DestsegError(f"{run} was trained with train options {info.get('train_args', [])} and this benchmark "
                            f"asks for {extra}: use another --out, or the same options")
+    # the same schedule too (folders from before it was kept here: unchecked)
+    if run.exists() and info.get("schedule", args.schedule) != args.schedule:
+        raise DestsegError(f"{run} was trained with --schedule {info['schedule']} and this benchmark asks for "
+                           f"{args.schedule}: use another --out, or the same schedule")
     py = [sys.executable, "-m", "destseg"]
     if not info.get("trained") and _finished(run / "checkpoint.pt"):  # trained, but not recorded here
         info["trained"] = True
@@ -95,7 +99,7 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
             cmd += ["--teacher", args.teacher] + (["--texture-dir", args.texture_dir] if args.texture_dir else [])
             cmd += ["--overwrite", *extra]  # the run directory is benchmark's: it holds bench.json already
             run.mkdir(parents=True, exist_ok=True)
-            info["train_args"] = extra
+            info.update(train_args=extra, schedule=args.schedule)
             atomic_write_text(bench_file, json.dumps(info, indent=2))
         code, peak = _run_child(cmd, out / f"{job.name}.log", env)
         if code != 0:

@@ -297,6 +297,12 @@ def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
     # The same --out with other options would mix two experiments in one table: refused, nothing retrained.
     assert main(base + ["--", "--anomaly-color", "rgb"]) == 2
     assert "widget-destseg-s0 was trained with train options" in capsys.readouterr().err
+    # ... and so would another schedule
+    other = tmp_path / "other.json"
+    other.write_text(schedule.read_text())
+    assert main([other.as_posix() if a == str(schedule) else a for a in base]
+                + ["--", "--anomaly-color", "gray", "--log-every", "1"]) == 2
+    assert f"was trained with --schedule {schedule} and this benchmark asks for {other}" in capsys.readouterr().err
     for extra, says in ((["--anomaly-color", "purple"], "argument --anomaly-color: invalid choice"),
                         (["--seed=3"], "--seed after -- is set by benchmark"),
                         (["--mod", "tesd"], "--model after -- is set by benchmark"),
