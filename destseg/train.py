@@ -193,7 +193,8 @@ def check_per_process_batch(stages, batch_size: int, world_size: int) -> None:
             raise DestsegError(
                 f"{what} leaves {batch // world_size} image per step to each of {world_size} process(es); the "
                 f"{stage.name} stage needs at least {stage.min_batch} per process: use "
-                f"{'--batch-size' if batch == batch_size else 'a batch size of'} {stage.min_batch * world_size} or more")
+                f"{'--batch-size' if batch == batch_size else 'a batch size of'} {stage.min_batch * world_size} "
+                "or more")
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -86,3 +86,5 @@ def test_batch_of_one_per_process_is_refused_before_training(tmp_path, tiny_mvte
     with pytest.raises(DestsegError, match="segmentation stage's batch size 4 leaves 1 image .* a batch size of 8"):
         check_per_process_batch(stages("destseg", seg_batch_size=4), 8, 4)
     check_per_process_batch(stages("destseg", seg_batch_size=8), 4, 4)  # the student's 1 per process is fine
+    with pytest.raises(ValueError, match=r"--seg-batch-size must be 0 \(--batch-size\) or at least 2"):
+        model_config("destseg", seg_batch_size=1)

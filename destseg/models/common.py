@@ -202,7 +202,8 @@ class SegmentationGuidedConfig(ModelConfig):
                                        "cosine (from lr_res and lr_head down to 0)",
                                lambda v: v in ("none", "cosine"), "none or cosine", flag=None)
     seg_batch_size: int = option(0, "images per segmentation-stage step, global under torchrun (0, the default: "
-                                    "--batch-size)", lambda v: v >= 0, "0 or more")
+                                    "--batch-size)", lambda v: v == 0 or v >= 2,
+                                 "0 (--batch-size) or at least 2 (the segmentation network's BatchNorm)")
     focal_gamma: float = option(4.0, "focal loss gamma", lambda v: v >= 0, "0 or more", flag=None)
     top_k: int = option(100, "image score: mean of the top-k map values", lambda v: v >= 1, "at least 1", flag=None)
     seg_width: int = option(256, "channels of the segmentation network (default 256 as the paper; 128 and 64 "

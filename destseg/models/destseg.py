@@ -18,7 +18,7 @@ from destseg.models.common import (
     Decoder, SegmentationGuidedConfig, SegmentationGuidedModel, SegmentationNet, cpu_schedule,
 )
 
-NARROW_SEGMENTATION_STEPS = (300, 1200)  # the cpu schedule's bounds on segmentation steps at batch 16 (paper widths: 150)
+NARROW_SEGMENTATION_STEPS = (300, 1200)  # cpu schedule: bounds on segmentation steps at batch 16 (paper widths: 150)
 
 
 def narrow_cpu_schedule(n_train: int) -> tuple[dict, str]:
