@@ -6,7 +6,8 @@ end to end (``destseg test``) on trained runs, and, with ``--accuracy``, the met
     .venv/bin/python benchmarks/cpu_speed.py [--config 64,256 32,32] [--run RUN ...] \\
         [--accuracy ROOT CATEGORY --texture-dir DIR --seeds 1 --out runs/cpu-acc]
 
-Speed is relative: compare a row with the yardstick printed in the same run (a ratio), not across machines.
+Speed is relative: each inference ratio is to the yardstick timed right before and right after it (end to end:
+the median of ``--repeats`` such ratios), not to one timing for the whole run: a shared VM's speed drifts.
 Weights are random for the model-only rows (speed does not depend on them); int8 rows (OpenVINO + NNCF,
 calibrated on random inputs here) need ``pip install nncf``. ``ONEDNN_MAX_CPU_ISA=AVX2`` (with
 ``ATEN_CPU_CAPABILITY=avx2``) emulates an AVX2-only CPU for both torch and OpenVINO; the header says so.
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -40,12 +42,31 @@ BATCH = 16
 SEG_BATCH = 8  # the cpu schedule's segmentation-stage batch (destseg/models/destseg.py)
 
 
-def yardstick(warmup: int, iters: int) -> float:
-    """Images/s of a plain eager fp32 ResNet18 forward (batch 16, 256x256, channels_last)."""
-    net = ResNet18().eval().to(memory_format=torch.channels_last)
-    x = torch.randn(BATCH, 3, 256, 256).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        return images_per_s(lambda: net(x), BATCH, warmup, iters)
+class Yardstick:
+    """Images/s of a plain eager fp32 ResNet18 forward (batch 16, 256x256, channels_last), timed again beside
+    every measurement: on a shared VM the machine's speed moved ~20% within an hour (docs/BENCHMARKS.md), so a
+    ratio holds only against yardsticks taken right before and right after what it compares."""
+
+    def __init__(self, warmup: int, iters: int):
+        self.net = ResNet18().eval().to(memory_format=torch.channels_last)
+        self.x = torch.randn(BATCH, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+        self.warmup, self.iters, self.rates = warmup, iters, []
+
+    def __call__(self) -> float:
+        with torch.no_grad():
+            self.rates.append(images_per_s(lambda: self.net(self.x), BATCH, self.warmup, self.iters))
+        return self.rates[-1]
+
+    def interleaved(self, measure, repeats: int = 1) -> tuple[float, float]:
+        """(median of ``repeats`` calls of ``measure``, median of their ratios to the mean of the yardsticks
+        timed just before and just after each)."""
+        values, ratios, last = [], [], self()
+        for _ in range(repeats):
+            values.append(measure())
+            now = self()
+            ratios.append(values[-1] / ((last + now) / 2))
+            last = now
+        return statistics.median(values), statistics.median(ratios)
 
 
 def training_rates(config, warmup: int, iters: int) -> dict[str, float]:
@@ -72,20 +93,20 @@ def training_rates(config, warmup: int, iters: int) -> dict[str, float]:
     return rates
 
 
-def inference_rates(config, warmup: int, iters: int, int8: bool) -> dict[str, float]:
-    """Model-only images/s per engine and precision."""
+def inference_rates(config, warmup: int, iters: int, int8: bool, yard: Yardstick) -> dict[str, tuple[float, float]]:
+    """Model-only (images/s, x yardstick) per engine and precision."""
     torch.manual_seed(0)
     model = fold_batchnorm(build_model("destseg", config, pretrained=False)).eval()
     x = torch.randn(BATCH, 3, 256, 256).contiguous(memory_format=torch.channels_last)
     rates = {}
     cl = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
-        rates["torch fp32"] = images_per_s(lambda: cl(x), BATCH, warmup, iters)
+        rates["torch fp32"] = yard.interleaved(lambda: images_per_s(lambda: cl(x), BATCH, warmup, iters))
         if torch.ops.mkldnn._is_mkldnn_bf16_supported():
             def bf16():
                 with autocast(torch.device("cpu"), torch.bfloat16):
                     cl(x)
-            rates["torch bf16"] = images_per_s(bf16, BATCH, warmup, iters)
+            rates["torch bf16"] = yard.interleaved(lambda: images_per_s(bf16, BATCH, warmup, iters))
     try:
         import openvino as ov
     except ImportError:
@@ -100,24 +121,26 @@ def inference_rates(config, warmup: int, iters: int, int8: bool) -> dict[str, fl
     ir = core.read_model(buf.getvalue())
     threads = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
     compiled = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads})
-    rates["openvino fp32"] = images_per_s(lambda: compiled(xn), BATCH, warmup, iters)
+    rates["openvino fp32"] = yard.interleaved(lambda: images_per_s(lambda: compiled(xn), BATCH, warmup, iters))
     # Under an ISA cap OpenVINO still lists the CPU's BF16 but cannot compile for it: no bf16 row there.
     if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") and "ONEDNN_MAX_CPU_ISA" not in os.environ:
         compiled = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", **threads})
-        rates["openvino bf16"] = images_per_s(lambda: compiled(xn), BATCH, warmup, iters)
+        rates["openvino bf16"] = yard.interleaved(lambda: images_per_s(lambda: compiled(xn), BATCH, warmup, iters))
     if int8:
         import nncf
 
         calibration = [torch.randn(1, 3, 256, 256).numpy() for _ in range(16)]
         quantized = nncf.quantize(ir, nncf.Dataset(calibration), subset_size=16)
         compiled = core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads})
-        rates["openvino int8"] = images_per_s(lambda: compiled(xn), BATCH, warmup, iters)
+        rates["openvino int8"] = yard.interleaved(lambda: images_per_s(lambda: compiled(xn), BATCH, warmup, iters))
     return rates
 
 
-def end_to_end(run: str, backends: list[str], precision: str) -> dict[str, float]:
-    """``destseg test`` images/s end to end (reading, decoding, resizing, the model) per backend, on a copy of
-    the run (its own metrics stay as they are), default options otherwise."""
+def end_to_end(run: str, backends: list[str], precision: str, yard: Yardstick,
+               repeats: int) -> dict[str, tuple[float, float]]:
+    """``destseg test`` (images/s, x yardstick) end to end (reading, decoding, resizing, the model) per backend,
+    medians of ``repeats`` calls between yardsticks, on a copy of the run (its own metrics stay as they are),
+    default options otherwise."""
     rates = {}
     for backend in backends:
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,8 +149,15 @@ def end_to_end(run: str, backends: list[str], precision: str) -> dict[str, float
             cmd = [sys.executable, "-m", "destseg", "test", "--run", str(copy), "--json", "--no-progress",
                    "--no-report", "--backend", backend, "--precision", precision]
             subprocess.run(cmd, check=True, capture_output=True)  # the first call exports the IR
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            rates[f"{backend}: {result['backend']} {result['precision']}"] = result["images_per_s"]
+            names = []
+
+            def measure():
+                result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                names.append(f"{backend}: {result['backend']} {result['precision']}")
+                return result["images_per_s"]
+
+            rate = yard.interleaved(measure, repeats)
+            rates[names[-1]] = rate
     return rates
 
 
@@ -156,6 +186,8 @@ def main() -> None:
     p.add_argument("--no-int8", action="store_true", help="skip the OpenVINO int8 rows")
     p.add_argument("--run", action="append", default=[], help="a trained run for the end-to-end rows")
     p.add_argument("--backends", nargs="+", default=["auto", "torch", "openvino"])
+    p.add_argument("--repeats", type=int, default=3, help="timed `destseg test` calls per end-to-end row, each "
+                                                         "between two yardsticks")
     p.add_argument("--precision", default="auto", help="of the end-to-end rows (auto: destseg test's default, "
                                                         "int8 with OpenVINO on a CPU without native bf16)")
     p.add_argument("--accuracy", nargs=2, metavar=("ROOT", "CATEGORY"), help="train and test each configuration")
@@ -170,12 +202,14 @@ def main() -> None:
     except ImportError:
         int8 = False
     cap = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
-    base = yardstick(args.warmup + 1, args.iters + 2)
+    yard = Yardstick(args.warmup + 1, args.iters + 2)
+    first = yard()
     peak = measured_peak_gflops()
     print(f"{describe_cpu()}{' with ' + ', '.join(f'{k}={v}' for k, v in cap.items()) if cap else ''}; "
           f"torch {torch.__version__}, {args.threads} threads, batch {BATCH} (training stage 2: {SEG_BATCH}), "
           "256x256, Lite0 teacher\n")
-    print(f"yardstick (ResNet18 eager fp32 forward): {base:.1f} img/s; fp32 peak (256-channel 3x3 conv at 64x64): "
+    print(f"yardstick (ResNet18 eager fp32 forward, timed again before and after each inference row; each ratio is to "
+          f"the mean of the two): {first:.1f} img/s at the start; fp32 peak (256-channel 3x3 conv at 64x64): "
           f"{peak:.0f} GFLOP/s\n")
     print("| student, seg. width | GFLOP/img inference | stage-1 train img/s | stage-2 train img/s | inference img/s "
           "(x yardstick) |")
@@ -186,8 +220,8 @@ def main() -> None:
                               seg_batch_size=SEG_BATCH)
         flops = count("destseg", "efficientnet_lite0", student_width=sw, seg_width=gw)["inference"]
         train = training_rates(config, args.warmup, args.iters)
-        infer = inference_rates(config, args.warmup, args.iters, int8)
-        cells = ", ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in infer.items())
+        infer = inference_rates(config, args.warmup, args.iters, int8, yard)
+        cells = ", ".join(f"{k} {v:.1f} ({r:.2f})" for k, (v, r) in infer.items())
         print(f"| {sw}, {gw} | {flops:.1f} | {train['student']:.1f} | {train['segmentation']:.1f} | {cells} |",
               flush=True)
         if args.accuracy:
@@ -197,9 +231,11 @@ def main() -> None:
                 + f" | train {acc['train_minutes']:.1f} min | | |", flush=True)
     for run in args.run:
         t0 = time.perf_counter()
-        rates = end_to_end(run, args.backends, args.precision)
-        cells = ", ".join(f"{k} {v:.1f} ({v / base:.2f} x yardstick)" for k, v in rates.items())
-        print(f"\nend to end, `destseg test --run {run}`: {cells} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        rates = end_to_end(run, args.backends, args.precision, yard, args.repeats)
+        cells = ", ".join(f"{k} {v:.1f} ({r:.2f} x yardstick)" for k, (v, r) in rates.items())
+        print(f"\nend to end, `destseg test --run {run}`, medians of {args.repeats}: {cells} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\nyardstick over this run: {min(yard.rates):.1f}-{max(yard.rates):.1f} img/s ({len(yard.rates)} timings)")
 
 
 if __name__ == "__main__":

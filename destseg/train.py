@@ -28,6 +28,7 @@ from destseg.dtd import resolve_texture_dir
 from destseg.device import autocast_dtype, default_workers, describe_device, prepare_model, resolve_device
 from destseg.errors import DestsegError
 from destseg.loop import Loop, TrainingInterrupted
+from destseg.memory import heap_kept
 from destseg.models import DEFAULT_MODEL, build_model, check_config, model_class, model_config
 from destseg.models.backbones import backbone_spec
 from destseg.run import Run, training_summary
@@ -252,7 +253,8 @@ def train(run_dir: Path | str, model_name: str | None = None, config=None, data:
 
     loop = Loop(run, model_name, model, config, options, device, dtype, dist, ckpt)
     try:
-        loop.run(stages, setup.train_dataset(), setup.workers, setup.augment(), setup.validation_dataset())
+        with heap_kept():
+            loop.run(stages, setup.train_dataset(), setup.workers, setup.augment(), setup.validation_dataset())
         if dist.main:
             thresholds = _thresholds(run, model, split, config, device, dtype, options.threshold_fpr)
             run.write_thresholds(thresholds)

@@ -13,7 +13,7 @@ from destseg.data import scan_folder, scan_mvtec, scan_visa, validate
 from destseg.data.synthesis import AnomalySynthesizer
 from destseg.data.training import StepSampler, TrainDataset
 from destseg.data.images import Normalize, read_mask, read_rgb, resize_mask
-from destseg.data.synthesis import GeneratedTextures, perlin_mask
+from destseg.data.synthesis import GeneratedTextures, gradient_noise, perlin_mask, perlin_noise
 from destseg.errors import DatasetError, ImageError
 
 
@@ -237,6 +237,27 @@ def test_perlin_mask_covers_varied_areas():
     assert min(areas) < 0.05 and max(areas) > 0.05  # sometimes small/empty, sometimes large
     tex = GeneratedTextures(32)(rng)
     assert tex.shape == (32, 32, 3) and tex.min() >= 0 and tex.max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (50, 75), (7, 5)])
+def test_perlin_noise_equals_the_per_point_lattice_lookup(shape):
+    # The reference: every grid point indexes its cell's four corner gradients (a full (H, W) index grid per
+    # corner), as the noise was computed until 2026-12; the cells-repeated form must give the same bits, so
+    # that a seed draws the same anomalies as before.
+    def reference(res, rng):
+        (h, w), (ry, rx) = shape, res
+        dy, dx = -(-h // ry), -(-w // rx)
+        gy, gx = np.meshgrid(np.arange(ry * dy) / dy, np.arange(rx * dx) / dx, indexing="ij")
+        cy, cx = gy.astype(np.int64), gx.astype(np.int64)
+        angles = rng.uniform(0, 2 * np.pi, size=(ry + 1, rx + 1))
+        gyr, gxr = np.sin(angles), np.cos(angles)
+        noise = gradient_noise(lambda oy, ox: (gyr[cy + oy, cx + ox], gxr[cy + oy, cx + ox]), gy - cy, gx - cx)
+        return noise[:h, :w].astype(np.float32)
+
+    for ty in range(6):
+        for tx in range(6):
+            got = perlin_noise(shape, (2**ty, 2**tx), np.random.default_rng([ty, tx]))
+            assert np.array_equal(got, reference((2**ty, 2**tx), np.random.default_rng([ty, tx]))), (ty, tx)
 
 
 def test_step_sampler_deterministic_and_resumable():

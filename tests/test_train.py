@@ -266,3 +266,42 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
     assert ckpt["finished"]
     assert [(s["name"], s["trained"], s["planned"]) for s in ckpt["stages"]] == [("student", 1, 20), ("segmentation", 1, 20)]
     assert "stopped after 1 of 20 steps" in (run / "train.log").read_text()
+
+
+HEAP_PROBE = """
+import json, resource, sys, torch
+from destseg.memory import heap_kept
+torch.set_num_threads(1)
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+
+def faults_per_step(steps=6):  # a step: four 40 MB tensors (above glibc's 32 MB mmap ceiling), then freed
+    out = []
+    for _ in range(steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        xs = [torch.ones(10 << 20) for _ in range(4)]
+        del xs
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return out
+
+default = faults_per_step()
+with heap_kept() as applied:
+    kept = faults_per_step()
+    inside = rss_mb()
+print(json.dumps({"applied": applied, "default": default, "kept": kept, "inside": inside, "after": rss_mb()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux) only")
+def test_training_keeps_its_heap_and_gives_it_back_after():
+    # In a fresh process (the setting is process-wide). By default each 40 MB tensor is mapped and zero-filled
+    # again (~10k page faults each); within heap_kept the heap settles after a few steps and a step faults no
+    # page; on leaving, the kept memory goes back to the system.
+    out = json.loads(subprocess.run([sys.executable, "-c", HEAP_PROBE], check=True, capture_output=True,
+                                    text=True).stdout)
+    assert out["applied"]
+    step = 4 * (40 << 20) // 4096  # pages a step touches
+    assert min(out["default"]) > step // 2
+    assert max(out["kept"][-2:]) < step // 100, out["kept"]
+    assert out["after"] < out["inside"] - 100, out
