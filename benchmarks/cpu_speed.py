@@ -20,10 +20,10 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch
 
 from destseg.device import autocast, describe_cpu, prepare_model
 from destseg.export import MapAndScore
+from destseg.memory import heap_kept
 from destseg.models import build_model, model_config
 from destseg.models.backbones import ResNet18
 from destseg.models.common import fold_batchnorm
@@ -219,7 +220,8 @@ def main() -> None:
         config = model_config("destseg", teacher="efficientnet_lite0", student_width=sw, seg_width=gw,
                               seg_batch_size=SEG_BATCH)
         flops = count("destseg", "efficientnet_lite0", student_width=sw, seg_width=gw)["inference"]
-        train = training_rates(config, args.warmup, args.iters)
+        with heap_kept():  # as `destseg train` steps
+            train = training_rates(config, args.warmup, args.iters)
         infer = inference_rates(config, args.warmup, args.iters, int8, yard)
         cells = ", ".join(f"{k} {v:.1f} ({r:.2f})" for k, (v, r) in infer.items())
         print(f"| {sw}, {gw} | {flops:.1f} | {train['student']:.1f} | {train['segmentation']:.1f} | {cells} |",

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,12 @@ def _finished(path: Path) -> bool:
     return path.is_file() and bool(load_checkpoint(path).get("finished"))
 
 
+def config_differences(a: Path, b: Path) -> list[str]:
+    """'field value-in-a vs value-in-b' for each model config field that differs between two runs."""
+    ca, cb = (json.loads((r / "config.json").read_text())["config"] for r in (a, b))
+    return [f"{k} {ca.get(k)} vs {cb.get(k)}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+
+
 def run_job(job: Job, args, out: Path, env: dict) -> dict:
     run = out / job.name
     bench_file = run / "bench.json"
@@ -106,6 +112,14 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
             raise DestsegError(f"{job.name}: training failed with exit code {code}; see {out / (job.name + '.log')}")
         info.update(trained=True, train_peak_mib=max(peak, info.get("train_peak_mib", 0)))
         atomic_write_text(bench_file, json.dumps(info, indent=2))
+    # A schedule name that kept its meaning only in part (cpu before 2026-12-01 had the paper's widths) passes
+    # the checks above: the seeds' rows share a mean only if their runs trained the same config.
+    first = out / replace(job, seed=0).name
+    if job.seed and (first / "config.json").is_file():
+        differ = config_differences(first, run)
+        if differ:
+            raise DestsegError(f"{run} was trained with another config than {first.name} ({'; '.join(differ)}): "
+                               "their rows cannot share a mean; use another --out")
     if not (run / "metrics.json").is_file() or not info.get("tested"):
         code, peak = _run_child(py + ["test", "--run", str(run), "--json", "--no-progress", "--device", args.device],
                                 out / f"{job.name}.log", env)

@@ -303,6 +303,11 @@ def test_benchmark_passes_train_options_after_double_dash(tmp_path, capsys):
     assert main([other.as_posix() if a == str(schedule) else a for a in base]
                 + ["--", "--anomaly-color", "gray", "--log-every", "1"]) == 2
     assert f"was trained with --schedule {schedule} and this benchmark asks for {other}" in capsys.readouterr().err
+    # ... and so would a schedule that kept its name but not its meaning: a second seed trains, then is refused
+    schedule.write_text(json.dumps({"destseg": {"image_size": 64, "batch_size": 2, "steps": 3, "student_steps": 1}}))
+    assert main(base + ["--seeds", "2", "--", "--anomaly-color", "gray", "--log-every", "1"]) == 2
+    assert "widget-destseg-s1 was trained with another config than widget-destseg-s0 (steps 2 vs 3)" in \
+        capsys.readouterr().err
     for extra, says in ((["--anomaly-color", "purple"], "argument --anomaly-color: invalid choice"),
                         (["--seed=3"], "--seed after -- is set by benchmark"),
                         (["--mod", "tesd"], "--model after -- is set by benchmark"),
