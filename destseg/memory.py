@@ -18,19 +18,20 @@ def glibc():
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    return libc if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")) else None
 
 
 @contextlib.contextmanager
 def heap_kept(trim_threshold: int = 1 << 30):
     """Within the block, glibc serves every allocation from its heap (no mmap per tensor) and keeps up to
     ``trim_threshold`` bytes of freed memory for the next step; on leaving, its defaults come back and the
-    free memory goes back to the system. By default, tensors above 32 MB (a batch of 16 of 32 channels at
-    128x128) are mapped and unmapped on every allocation: on a 2-core CPU a cpu-schedule student step spent
-    ~10% of its time in the page faults (docs/BENCHMARKS.md, "Allocator"). Yields whether it applied."""
+    free memory goes back to the system (glibc's dynamic mmap threshold stays off after it: mallopt cannot
+    switch it back on). By default, tensors above 32 MB (a batch of 16 of 32 channels at 128x128) are mapped
+    and unmapped on every allocation: a bottle cpu-schedule run on 2 cores took 77.8 million page faults and
+    158 s of system time, with the heap kept 0.6 million and 4 s, the same weights bit for bit
+    (docs/BENCHMARKS.md, "The heap kept"). Yields whether it applied."""
     libc = glibc()
     if libc is None:
         yield False

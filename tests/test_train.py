@@ -294,7 +294,7 @@ print(json.dumps({"applied": applied, "default": default, "kept": kept, "inside"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux) only")
-def test_training_keeps_its_heap_and_gives_it_back_after():
+def test_heap_kept_stops_the_page_faults_and_gives_the_memory_back():
     # In a fresh process (the setting is process-wide). By default each 40 MB tensor is mapped and zero-filled
     # again (~10k page faults each); within heap_kept the heap settles after a few steps and a step faults no
     # page; on leaving, the kept memory goes back to the system.

@@ -43,7 +43,7 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     # Evaluate on a grid that divides evenly, then crop (shape need not be a multiple of res).
     # Each lattice cell covers dy x dx points: a column (H, 1) and a row (1, W) of positions broadcast to the
     # grid, and the corners' gradients repeated over their cells (the same values as indexing a full grid per
-    # point, at a quarter of the synthesis time).
+    # point, in about half the time: 10.7 -> 6.0 ms for a 256x256 map).
     dy, dx = -(-h // ry), -(-w // rx)
     gy, gx = (np.arange(ry * dy) / dy)[:, None], (np.arange(rx * dx) / dx)[None, :]
     fy, fx = gy - gy.astype(np.int64), gx - gx.astype(np.int64)
