@@ -14,6 +14,7 @@ from destseg.checkpoint import load_checkpoint
 from destseg.cli import main
 from destseg.errors import CheckpointError, DestsegError
 from destseg.infer import Detector, evaluate_run
+from destseg.memory import glibc
 from destseg.models import model_config
 from destseg.run import load_model
 from destseg.train import DataSource, TrainOptions, train
@@ -269,7 +270,7 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
 
 
 HEAP_PROBE = """
-import json, resource, sys, torch
+import json, resource, torch
 from destseg.memory import heap_kept
 torch.set_num_threads(1)
 
@@ -293,7 +294,7 @@ print(json.dumps({"applied": applied, "default": default, "kept": kept, "inside"
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux) only")
+@pytest.mark.skipif(glibc() is None, reason="needs glibc's malloc (Linux)")
 def test_heap_kept_stops_the_page_faults_and_gives_the_memory_back():
     # In a fresh process (the setting is process-wide). By default each 40 MB tensor is mapped and zero-filled
     # again (~10k page faults each); within heap_kept the heap settles after a few steps and a step faults no
