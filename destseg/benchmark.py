@@ -76,7 +76,9 @@ def _finished(path: Path) -> bool:
 
 def config_differences(a: Path, b: Path) -> list[str]:
     """'field value-in-a vs value-in-b' for each model config field that differs between two runs."""
-    ca, cb = (json.loads((r / "config.json").read_text())["config"] for r in (a, b))
+    from destseg.run import Run
+
+    ca, cb = (Run(r).record["config"] for r in (a, b))
     return [f"{k} {ca.get(k)} vs {cb.get(k)}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
 
 
