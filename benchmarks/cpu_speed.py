@@ -179,7 +179,7 @@ def accuracy(root: str, category: str, widths: tuple[int, int], args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", nargs="*", default=["64,256", "32,64", "32,32"],
+    p.add_argument("--config", nargs="*", default=["64,256", "32,48", "32,32"],
                    help="student width,segmentation width pairs (64,256 is the paper's architecture)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)

@@ -349,8 +349,8 @@ def _train_parser(p) -> None:
     p.add_argument("--schedule", default="auto",
                    help="auto (default): cpu on a CPU, paper on a GPU; paper: the SPEC's schedule; cpu: the "
                         "model's schedule sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that follow the "
-                        "training set; for DeSTSeg a student at 32 channels and a segmentation network at 64, "
-                        "trained in steps of 8 images from twice the paper's rates decayed to 0: 8.6x less "
+                        "training set; for DeSTSeg a student at 32 channels and a segmentation network at 48, "
+                        "trained in steps of 8 images from twice the paper's rates decayed to 0: 11x less "
                         "inference arithmetic, docs/RESULTS.md); cpu-paper-widths: DeSTSeg's cpu schedule "
                         "before 2026-12-01, the paper's widths and stage-2 rates at the same step counts; fast: "
                         "the cpu schedule's former name; or a JSON file {model: {field: value}}. Explicit flags "

@@ -25,7 +25,7 @@ from destseg.errors import DestsegError
 SIZE = 256
 N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 60, 12, 18
 DEMO_SCHEDULE = {"teacher": "efficientnet_lite0", "image_size": 128, "batch_size": 8, "steps": 450,
-                 "student_steps": 250, "student_width": 32, "seg_width": 32}  # narrower than --schedule cpu (64)
+                 "student_steps": 250, "student_width": 32, "seg_width": 32}  # narrower than --schedule cpu (48)
 DEMO_BUDGET_S = 270.0  # training stops after 4.5 minutes on a machine too slow for the 450 steps
 
 

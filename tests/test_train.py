@@ -248,7 +248,7 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
     # cpu: the narrow segmentation network sees at least 300 batches of 16 images (150 let a metal_plate seed
     # collapse), in steps of 8; fast is its former name
     narrow, words = schedule_overrides("cpu", "destseg", 54)
-    assert narrow == {**wide, "steps": 900, "student_width": 32, "seg_width": 64, "lr_res": 0.2, "lr_head": 0.02,
+    assert narrow == {**wide, "steps": 900, "student_width": 32, "seg_width": 48, "lr_res": 0.2, "lr_head": 0.02,
                       "seg_lr_decay": "cosine", "seg_batch_size": 8} and "600 segmentation" in words
     assert schedule_overrides("fast", "destseg", 54) == (narrow, words)
     assert schedule_overrides("cpu", "destseg", 209)[0]["steps"] == 1200  # bottle: as measured
