@@ -66,13 +66,14 @@ class DeSTSeg(SegmentationGuidedModel):
     # paper widths' 150 x 16, one metal_plate seed in six collapsed), in steps of 8 images, from twice the paper's
     # rates decayed to 0 (cosine). Each was measured seed-paired against the step before it; together they are
     # within one paper-width sd of the paper widths on every bottle and metal_plate metric over 3 seeds
-    # (docs/RESULTS.md, "DeSTSeg on the CPUs people have"; 48 replaced 64 on 2026-12-02). cpu-paper-widths: the
-    # paper's widths and stage-2 rates at the same step counts, the cpu schedule before 2026-12-01; fast: the cpu
-    # schedule's former name.
+    # (docs/RESULTS.md, "DeSTSeg on the CPUs people have"; 48 replaced 64 in session 22). cpu-paper-widths:
+    # the paper's widths and stage-2 rates at the same step counts, the cpu schedule before 2026-12-01; fast:
+    # the cpu schedule's former name.
     schedules = {"cpu": narrow_cpu_schedule, "fast": narrow_cpu_schedule, "cpu-paper-widths": cpu_schedule}
     # int8 (OpenVINO + NNCF) matched fp32 within 0.8 on every metric's mean over 6 seeds each of bottle and
-    # metal_plate at (32, 64), I-AUROC within 0.2 on every seed, and within 0.3 on 4 paper-width runs but one
-    # IAP@90 (docs/RESULTS.md, "int8")
+    # metal_plate at (32, 64), within 0.3 at (32, 48) over 3 each but IAP@90 (-1.6 and -0.8), I-AUROC within 0.2
+    # on every seed, and within 0.3 on 4 paper-width runs but one IAP@90 (docs/RESULTS.md, "int8" and "A
+    # segmentation network of 48")
     int8_by_default = True
 
     def __init__(self, config: DeSTSegConfig, teacher_weights=None, pretrained: bool = True):
