@@ -154,7 +154,8 @@ def end_to_end(run: str, backends: list[str], precision: str, yard: Yardstick,
                 return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
             first = call()  # exports the IR (and quantises), untimed; names the engine auto chose
-            name = f"{backend}: {first['backend']} {first['precision']}"
+            engine, precision_used = first["backend"], first["precision"]  # e.g. openvino, "openvino int8"
+            name = f"{backend}: {precision_used if precision_used.startswith(engine) else f'{engine} {precision_used}'}"
             rates[name] = yard.interleaved(lambda: call()["images_per_s"], repeats)
     return rates
 
