@@ -154,9 +154,10 @@ def end_to_end(run: str, backends: list[str], precision: str, yard: Yardstick,
                 return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
             first = call()  # exports the IR (and quantises), untimed; names the engine auto chose
-            engine, precision_used = first["backend"], first["precision"]  # e.g. openvino, "openvino int8"
-            name = f"{backend}: {precision_used if precision_used.startswith(engine) else f'{engine} {precision_used}'}"
-            rates[name] = yard.interleaved(lambda: call()["images_per_s"], repeats)
+            label = first["precision"]  # OpenVINO's names its engine ("openvino int8"), torch's does not ("bf16")
+            if not label.startswith(first["backend"]):
+                label = f"{first['backend']} {label}"
+            rates[f"{backend}: {label}"] = yard.interleaved(lambda: call()["images_per_s"], repeats)
     return rates
 
 
