@@ -1,7 +1,6 @@
-"""Command line: ``destseg {inspect,train,test,predict,export,serve,evaluate,demo,benchmark}``.
-
-Each subcommand's options: ``destseg CMD --help``. The model options of ``train`` (``--steps``,
-``--seg-width``...) come from the registered models' config fields (:mod:`destseg.models.base`).
+"""Command line: ``destseg COMMAND``, one function per command (``cmd_*``) and one parser builder each
+(``_*_parser``), listed in ``COMMANDS``. The model options of ``train`` (``--steps``, ``--seg-width``...) come from
+the registered models' config fields (:mod:`destseg.models.base`).
 """
 
 from __future__ import annotations
@@ -34,10 +33,14 @@ class ModelFlag:
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
-    def add_to(self, parser: argparse.ArgumentParser, all_models: list[str]) -> None:
+    def add_to(self, parser: argparse.ArgumentParser, all_models: list[str], here: dict | None = None) -> None:
         meta, cli = self.field.metadata, dict(self.field.metadata["cli"])
         cli.pop("parse", None)
         help_text = meta["help"] + ("" if len(self.fields) == len(all_models) else f" ({', '.join(self.fields)})")
+        if here:
+            help_text += f"; {here['what']}: " + ", ".join(
+                f"{model} {here['values'][model][name]}" for model, name in self.fields.items()
+                if name in here["values"].get(model, {}))
         if "const" in cli:
             parser.add_argument(self.flag, dest=self.dest, action="store_const", default=None, help=help_text, **cli)
             return
@@ -64,6 +67,25 @@ def model_flags() -> dict[str, ModelFlag]:
     return flags
 
 
+def defaults_here() -> dict:
+    """What ``--schedule auto`` sets on this machine, for the help texts: ``what`` (in words) and, per model,
+    the config fields the schedule sets (a value that follows the training set is said so)."""
+    import torch
+
+    from destseg.models import MODELS
+    from destseg.schedules import resolve_schedule_name, schedule_overrides
+
+    name = resolve_schedule_name("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    values: dict[str, dict] = {}
+    for model in MODELS:
+        small, _ = schedule_overrides(name, model, 100)
+        large, _ = schedule_overrides(name, model, 400)
+        values[model] = {k: (v if large.get(k) == v else "(follows the number of training images)")
+                         for k, v in small.items()}
+    where = "this CPU" if name == "cpu" else "this GPU"
+    return {"what": f"what runs here (--schedule auto is {name} on {where})", "values": values}
+
+
 def model_overrides(args) -> dict:
     """The config fields the ``train`` flags given set for ``args.model``; a flag of another model only is
     refused, naming it."""
@@ -82,10 +104,14 @@ def model_overrides(args) -> dict:
 # ---------------------------------------------------------------------------------------------- commands
 
 def cmd_inspect(args) -> int:
-    from destseg.data import scan_dataset, validate
+    from destseg.data import validate
     from destseg.data.datasets import shape_note, train_color
 
-    index = validate(scan_dataset(args.data, args.category, args.layout))
+    data = data_source(args, training=False)
+    if data is None:
+        raise DestsegError("nothing to inspect: pass --data DIR (good images, or a dataset root with --category) "
+                           "or --good/--defect folders")
+    index = validate(data.scan())
     summary = index.summary()
     if index.gray_train:  # the readable training images: what the default 256x256 input does to them
         summary["train_image_size"], summary["shape_note"] = shape_note(list(index.gray_train), 256)
@@ -100,14 +126,39 @@ def cmd_inspect(args) -> int:
         for key, label in (("train_image_size", "train size"), ("train_color", "colour"), ("shape_note", "note")):
             if summary.get(key):
                 print(f"{label:>12}: {summary[key]}")
+        if summary["defects_without_mask"]:
+            print(f"{'':>12}  {summary['defects_without_mask']} defect image(s) without a mask: judged by their "
+                  "label (image metrics), left out of the pixel metrics")
         print(f"{'problems':>12}: {len(summary['problems'])}")
         for p in summary["problems"]:
             print(f"  - {p}")
     return 1 if summary["problems"] else 0
 
 
+def data_source(args, training: bool = False):
+    """The data a command was pointed at: ``--data ROOT --category C`` (a benchmark layout), ``--data DIR``
+    alone (a plain folder of good images), or (test, inspect) ``--good``/``--defect``/``--masks`` folders;
+    None when nothing was given."""
+    from destseg.data import DataSource, TestFolders
+
+    folders = [getattr(args, k, None) for k in ("good", "defect", "masks")]
+    if any(folders):
+        if args.data or args.category:
+            raise DestsegError("give either --data (with --category for a benchmark layout) or --good/--defect "
+                               "folders, not both")
+        return TestFolders(*(str(f) if f else None for f in folders))
+    if not args.data:
+        if args.category:
+            raise DestsegError("--category needs --data ROOT (the dataset root that holds the category)")
+        return None
+    if args.category or args.layout not in ("auto", "folder"):
+        if not args.category:
+            raise DestsegError(f"--layout {args.layout} needs --category")
+        return DataSource(args.data, args.category, args.layout)
+    return DataSource.folder(args.data)
+
+
 def cmd_train(args) -> int:
-    from destseg.data import DataSource
     from destseg.schedules import parse_duration
     from destseg.train import TrainingInterrupted, TrainOptions, train
 
@@ -123,19 +174,36 @@ def cmd_train(args) -> int:
     if args.resume:
         call = {"resume": True}
     else:
-        if not args.data or not args.category:
-            raise DestsegError("--data and --category are required (unless --resume)")
+        data = data_source(args, training=True)
+        if data is None:
+            raise DestsegError("--data is required (a folder of good images, or a dataset root with --category; "
+                               "unless --resume)")
         overrides = model_overrides(args)
         options.schedule = args.schedule
-        call = {"data": DataSource(args.data, args.category, args.layout), "overrides": overrides,
-                "overwrite": args.overwrite}
+        call = {"data": data, "overrides": overrides, "overwrite": args.overwrite}
     try:
         path = train(args.out, args.model, options=options, **call)
     except TrainingInterrupted as exc:
         print(f"destseg: {exc}", file=sys.stderr)
         return 130
     print(f"saved {path}")
+    print(next_steps(args.out))
     return 0
+
+
+def next_steps(run_dir: Path) -> str:
+    """What to run after ``train``: a test on labelled images, then scoring new ones."""
+    from destseg.run import Run
+
+    data = Run(run_dir).data
+    if data is not None and data.layout == "folder":
+        test = (f"destseg test --run {run_dir} --defect DEFECT_PHOTOS/ [--good OTHER_GOOD_PHOTOS/]"
+                "   # how well it tells them apart")
+    else:
+        test = f"destseg test --run {run_dir}   # metrics on the dataset's test split"
+    return ("next:\n  " + test + f"\n  destseg predict --run {run_dir} --input NEW_IMAGES/ --out results/"
+            f"   # score images: results.csv, heat maps\n  destseg watch --run {run_dir} --input CAMERA_FOLDER/ "
+            "--out results/   # or score every new image as it arrives")
 
 
 def cmd_test(args) -> int:
@@ -143,16 +211,25 @@ def cmd_test(args) -> int:
     from destseg.infer import evaluate_run, metrics_table
     from destseg.run import Run
 
-    data = None
-    if args.data or args.category:  # what is not given comes from the run's own config
-        saved = Run(args.run).record.get("data") or {}
-        root, category = args.data or saved.get("root"), args.category or saved.get("category")
-        if not root or not category:
-            raise DestsegError(f"{args.run}: the run does not record its data; pass both --data and --category")
-        data = DataSource(root, category, args.layout if args.layout != "auto" else saved.get("layout", "auto"))
+    saved = Run(args.run).record.get("data") or {}
+    benchmark_run = saved.get("root") and saved.get("layout") != "folder"
+    if args.data and not args.category and benchmark_run:  # another copy of the run's dataset: its category
+        data = DataSource(args.data, saved["category"], args.layout if args.layout != "auto" else saved.get("layout", "auto"))
+    elif args.category and not args.data:  # another category of the run's own dataset root
+        if not benchmark_run:
+            raise DestsegError(f"{args.run}: the run does not record a dataset root; pass --data ROOT with --category")
+        data = DataSource(saved["root"], args.category, saved.get("layout", "auto"))
+    elif args.data and not args.category:
+        raise DestsegError("test needs labelled images: --good DIR and --defect DIR (plain folders), or --data ROOT "
+                           "--category NAME (a dataset in the MVTec layout)")
+    else:
+        data = data_source(args, training=False)
+    if not 0 < args.fpr < 1:
+        raise DestsegError(f"--fpr must be in (0, 1) (got {args.fpr})")
     result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
                           progress=not args.no_progress, fpr=args.fpr, report=not args.no_report,
-                          backend=args.backend, compile=args.compile, workers=args.workers)
+                          backend=args.backend, compile=args.compile, workers=args.workers,
+                          adopt_thresholds=args.adopt_thresholds)
     result.pop("_outputs")
     print(json.dumps(result, indent=2) if args.json else metrics_table(result))
     return 0
@@ -328,21 +405,32 @@ def _add_workers_arg(p: argparse.ArgumentParser, what: str) -> None:
                         "process")
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="dataset root (MVTec/MPDD/BTAD layout, or VisA with split_csv)")
-    p.add_argument("--category", required=required, help="category folder name, e.g. bottle")
-    p.add_argument("--layout", default="auto", choices=["auto", "mvtec", "mpdd", "btad", "visa"])
+def _add_data_args(p: argparse.ArgumentParser, test_folders: bool = False) -> None:
+    p.add_argument("--data", metavar="DIR",
+                   help="a folder of good images (every image under it, recursively), or with --category the "
+                        "root of a dataset in the MVTec AD layout (MPDD, BTAD alike) or VisA's")
+    p.add_argument("--category", help="with --data ROOT: the category folder, e.g. bottle")
+    p.add_argument("--layout", default="auto", choices=["auto", "folder", "mvtec", "mpdd", "btad", "visa"],
+                   help="auto (default): folder without --category, else mvtec (visa where ROOT has split_csv/)")
+    if test_folders:
+        p.add_argument("--good", type=Path, metavar="DIR", help="good images to test on (recursively; not the "
+                                                               "ones the run trained on)")
+        p.add_argument("--defect", type=Path, metavar="DIR",
+                       help="images of defective parts (recursively; a subfolder's name is the defect type)")
+        p.add_argument("--masks", type=Path, metavar="DIR",
+                       help="optional defect masks, matched to --defect images by file name (x.png or "
+                            "x_mask.png for x.jpg); defect images without one are judged by their label only")
 
 
 def _inspect_parser(p) -> None:
-    _add_data_args(p)
+    _add_data_args(p, test_folders=True)
     p.add_argument("--json", action="store_true")
 
 
 def _train_parser(p) -> None:
     from destseg.models import DEFAULT_MODEL, MODELS
 
-    _add_data_args(p, required=False)
+    _add_data_args(p)
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
     p.add_argument("--teacher-weights", help="explicit teacher weights file (ResNet18: torchvision's)")
@@ -357,8 +445,10 @@ def _train_parser(p) -> None:
                         "override it")
     p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
                                          "cumulative share of the budget; the steps trained are recorded)")
+    here = defaults_here()
     for flag in model_flags().values():
-        flag.add_to(p, list(MODELS))
+        flag.add_to(p, list(MODELS), here if any(f in here["values"].get(m, {}) for m, f in flag.fields.items())
+                    else None)
     p.add_argument("--texture-dir", help="anomaly source images: a folder (DTD layout or flat), or dtd to download "
                                          "the DTD release once into the cache (the paper's source); default: a "
                                          "built-in procedural generator (offline fallback, flagged in the run)")
@@ -394,10 +484,14 @@ def _train_parser(p) -> None:
 
 def _test_parser(p) -> None:
     p.add_argument("--run", required=True, type=Path)
-    _add_data_args(p, required=False)
+    _add_data_args(p, test_folders=True)
     _add_inference_args(p)
     p.add_argument("--fpr", type=float, default=0.01,
-                   help="false-positive rate for thresholds when the test split has no defects")
+                   help="false-positive rate of the thresholds measured on a split without defect images "
+                        "(default 0.01)")
+    p.add_argument("--adopt-thresholds", action="store_true",
+                   help="put the thresholds measured on this split in force (default: recorded beside the ones "
+                        "in force, in thresholds.json under measured_on_test)")
     p.add_argument("--no-report", action="store_true", help="skip RUN/report.html")
     _add_workers_arg(p, "DataLoader worker processes that read, decode and resize the test images")
     p.add_argument("--json", action="store_true")
@@ -505,9 +599,9 @@ def _benchmark_parser(p) -> None:
 
 
 COMMANDS = {  # name: (help, arguments, action)
-    "inspect": ("validate a dataset and print its counts", _inspect_parser, cmd_inspect),
-    "train": ("train a model into a run directory", _train_parser, cmd_train),
-    "test": ("evaluate a run on its test split; writes RUN/metrics.json", _test_parser, cmd_test),
+    "inspect": ("check images before training or testing: counts, size, colour, problems", _inspect_parser, cmd_inspect),
+    "train": ("train a detector on good images into a run folder", _train_parser, cmd_train),
+    "test": ("measure how well a run separates good and defect images (RUN/metrics.json, report.html)", _test_parser, cmd_test),
     "predict": ("score images (file, folder or glob): overlays, masks, CSV, JSON", _predict_parser, cmd_predict),
     "export": ("export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)", _export_parser,
                cmd_export),
@@ -524,10 +618,22 @@ COMMANDS = {  # name: (help, arguments, action)
 }
 
 
+DESCRIPTION = """\
+Find defects in product images: train a detector on photos of good parts, then score new images (an
+anomaly score, a heat map and an OK/defect decision for each).
+
+  destseg train --data GOOD_PHOTOS/ --out runs/part            train on a folder of good images
+  destseg test --run runs/part --defect DEFECT_PHOTOS/          how well it separates defects
+  destseg predict --run runs/part --input NEW/ --out results/  score images
+
+Each command's options: destseg COMMAND --help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="destseg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="destseg", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"destseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for name, (help_text, arguments, action) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         arguments(p)

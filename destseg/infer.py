@@ -12,16 +12,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from destseg.data.datasets import DataSource, TestDataset
+from destseg.data.datasets import DataSource, TestDataset, TestSample
 from destseg.data.images import resize_map, resize_rgb, to_rgb
 from destseg.device import CompiledModel, autocast, autocast_dtype, io_workers, resolve_device, should_compile
 from destseg.errors import DestsegError
-from destseg.metrics import METRIC_NAMES, evaluate, f1_max_threshold, format_table, pixel_ranking
+from destseg.metrics import (
+    METRIC_NAMES, decision_rates, evaluate, f1_max_threshold, format_table, image_metrics, pixel_ranking,
+)
 from destseg.models import ModelConfig
 from destseg.models.backbones import backbone_spec
 from destseg.run import Run, training_summary
 from destseg.scoring import TestOutputs, run_test_split
-from destseg.thresholds import in_force
+from destseg.thresholds import good_image_thresholds, in_force, record_measured, utc_now
 
 __all__ = ["Detector", "InferenceModel", "Prediction", "TestOutputs", "evaluate_run", "load_inference",
            "metrics_table"]
@@ -124,42 +126,80 @@ def _light(ckpt: dict) -> dict:
     return {k: v for k, v in ckpt.items() if k not in ("model_state", "optimizer_state")}
 
 
-def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: str = "auto",
+def evaluate_run(run_dir: Path | str, data=None, device: str = "auto",
                  precision: str = "auto", batch_size: int = 16, progress: bool = True, fpr: float = 0.01,
-                 report: bool = False, backend: str = "auto", compile: str = "auto", workers: int = -1) -> dict:
-    """Evaluate a run on its test split; writes RUN/metrics.json and RUN/thresholds.json (and
-    RUN/report.html with ``report``). Thresholds: F1-max on the test split, or, when it has no defect
-    images, the split-conformal thresholds of its good images at false-positive rate ``fpr``.
-    ``workers``: DataLoader workers (-1: :func:`destseg.device.io_workers`)."""
+                 report: bool = False, backend: str = "auto", compile: str = "auto", workers: int = -1,
+                 adopt_thresholds: bool = False) -> dict:
+    """Evaluate a run on a labelled test split (``data``: a :class:`DataSource` or :class:`TestFolders`;
+    default: the run's own) and write RUN/metrics.json (and RUN/report.html with ``report``).
+
+    Image metrics (I-AUROC, image AP, and the detection and false-alarm rates at the thresholds in force)
+    need labels only; the pixel metrics are computed on the good images and the defect images that have a
+    mask, and skipped (saying so) where none has one. The thresholds this split suggests (F1-max where it
+    has defect images; split conformal at ``fpr`` on its good images where it has none) are recorded in
+    RUN/thresholds.json under ``measured_on_test``; the thresholds in force (from training or recalibrate)
+    stay in force unless ``adopt_thresholds``. Good-image thresholds are never set from a split that holds
+    defect images. ``workers``: DataLoader workers (-1: :func:`destseg.device.io_workers`)."""
     run = Run(run_dir)
     if workers < -1:
         raise DestsegError(f"--workers must be -1 (automatic) or more (got {workers})")
-    if data is None:
-        data = run.data
-        if data is None:
-            raise DestsegError(f"{run.path}: the run does not record its data; pass --data and --category")
-    index = data.scan()
-    if not index.test:
-        raise DestsegError(f"{index.name}: the test split has no images")
+    index, notes = test_split(run, data)
     inf = load_inference(run.path, device, precision, backend, compile)
     dataset = TestDataset(index.test, inf.config.image_size, backbone_spec(inf.config.teacher).normalize)
     t0 = time.perf_counter()
     out = run_test_split(inf.model, dataset, inf.device, inf.dtype, inf.map_outputs, batch_size, progress,
                          io_workers(inf.device) if workers < 0 else workers)
     wall = time.perf_counter() - t0
+    labels = out.labels.astype(bool)
+    has_mask = np.array([s.mask is not None for s in index.test], dtype=bool)
     result = {"model": inf.model_name, "teacher": inf.config.teacher, **training_summary(inf.ckpt),
-              "n_test": len(dataset), "backend": inf.backend, "precision": inf.precision, "device": str(inf.device),
+              "n_test": len(dataset), "n_good": int((~labels).sum()), "n_defect": int(labels.sum()),
+              "n_defect_with_mask": int((labels & has_mask).sum()), "test_data": index.name,
+              "backend": inf.backend, "precision": inf.precision, "device": str(inf.device),
               "images_per_s": len(dataset) / max(wall, 1e-9),  # end to end: reading, decoding, resizing too
               "model_images_per_s": len(dataset) / max(out.seconds, 1e-9)}
-    if out.labels.any() and out.masks.any():
-        result.update(_metrics(out, inf.device))
-        thresholds = result.pop("_thresholds")
+    stored = run.thresholds()
+    if labels.any() and (~labels).any():
+        result.update(image_metrics(out.scores, labels))
+        for prefix, (_, scores) in out.extra.items():
+            result.update({prefix + k: v for k, v in image_metrics(scores, labels).items()})
+    if labels.any():
+        measured = _f1_thresholds(out, labels, has_mask)
+        if result["n_defect_with_mask"]:
+            result.update(_pixel_metrics(out, labels, has_mask, inf.device))
+            if result["n_defect_with_mask"] < result["n_defect"]:
+                notes.append(f"pixel metrics on the {int((~labels).sum())} good images and the "
+                             f"{result['n_defect_with_mask']} of {result['n_defect']} defect images that have a "
+                             "mask; image metrics on all images")
+        else:
+            notes.append(f"none of the {result['n_defect']} defect images has a mask: pixel metrics skipped, "
+                         "image metrics (I-AUROC, image AP, detection and false-alarm rates) computed from labels")
     else:
-        result["note"] = "no defect images with masks in the test split: metrics skipped"
-        thresholds = run.calibrate([s.path for s in index.test], out.scores, out.maps, fpr, "good test images")
+        notes.append("no defect images in the test split: only the false-alarm rate is measured")
+        measured = good_image_thresholds(out.scores, out.maps, fpr, "good test images")
+    stored_image, _ = in_force(stored)
+    if stored_image is not None:
+        result["decisions"] = decision_rates(out.scores, labels, stored_image)
+    measured["measured"] = utc_now()
+    measured["test_data"] = index.name
+    if adopt_thresholds:
+        if labels.any():
+            if measured.get("pixel") is None:  # no masks: the pixel threshold in force stays
+                measured["pixel"] = (stored or {}).get("pixel")
+            thresholds = run.write_thresholds(measured)
+        else:
+            thresholds = run.write_thresholds(run.calibrate([s.path for s in index.test], out.scores, out.maps, fpr,
+                                                            "good test images"))
+        notes.append("the thresholds measured on this split are now in force (--adopt-thresholds); the ones they "
+                     "replaced are in thresholds-history/")
+        result["decisions"] = decision_rates(out.scores, labels, thresholds["image"])
+    else:
+        thresholds = record_measured(run.path, measured) if stored is not None else run.write_thresholds(measured)
     result["thresholds"] = thresholds
+    result["thresholds_measured"] = measured
+    if notes:
+        result["note"] = "; ".join(notes)
     run.write_metrics(result)
-    run.write_thresholds(thresholds)
     if report:
         from destseg.report import write_report
 
@@ -168,37 +208,130 @@ def evaluate_run(run_dir: Path | str, data: DataSource | None = None, device: st
     return result
 
 
-def _metrics(out: TestOutputs, device: torch.device) -> dict:
-    """The SPEC metrics of the anomaly map and of each secondary map (by prefix), the F1-max thresholds on
-    the labelled split (``_thresholds``), and the time the metrics took (``metrics_s``)."""
+def test_split(run: Run, data) -> tuple:
+    """(the test split's index, notes): ``data`` scanned (the run's own by default); a defect folder without a
+    good one takes the good images the run held out of training for its thresholds."""
+    if data is None:
+        data = run.data
+        if data is None:
+            raise DestsegError(f"{run.path}: the run does not record its data; pass --data and --category, or "
+                               "--good DIR and --defect DIR")
+        if getattr(data, "layout", None) == "folder":
+            raise DestsegError(f"{run.path}: trained from a plain folder of good images, so it has no test split of "
+                               "its own: pass --defect DIR (photos of defective parts) and --good DIR (good images "
+                               "not used for training; without it, the good images held out of training)")
+    index = data.scan()
+    notes: list[str] = []
+    if not any(s.label == 0 for s in index.test) and any(s.label for s in index.test):
+        held = _held_out_good(run)
+        if held:
+            index.test = [TestSample(Path(f), 0, None, "good") for f in held] + index.test
+            notes.append(f"good side: the {len(held)} good images held out of training (they also set the "
+                         "thresholds, so their false-alarm rate is not an independent check; pass --good DIR "
+                         "with other good images for one)")
+        else:
+            raise DestsegError("the test split has defect images but no good ones, and the run held no good images "
+                               "out of training: pass --good DIR with good images not used for training")
+    if not index.test:
+        raise DestsegError(f"{index.name}: the test split has no images")
+    seen = _seen_in_training(run, index)
+    if seen:
+        notes.append(f"{seen} of the good test images are in the run's training folder: seen in training, so "
+                     "the false-alarm rate and I-AUROC are optimistic")
+    return index, notes
+
+
+def _held_out_good(run: Run) -> list[str]:
+    cal = run.calibration() or {}
+    if "held out" not in cal.get("what", "") or not all(Path(f).is_file() for f in cal.get("files", [])):
+        return []
+    return list(cal["files"])
+
+
+def _seen_in_training(run: Run, index) -> int:
+    """How many good test images lie in a plain training folder (the benchmark layouts keep them apart)."""
+    data = run.data
+    if data is None or data.layout != "folder":
+        return 0
+    held = {str(Path(f).resolve()) for f in _held_out_good(run)}
+    root = Path(data.root).resolve()
+    return sum(1 for s in index.test if s.label == 0 and str(Path(s.path).resolve()) not in held
+               and root in Path(s.path).resolve().parents)
+
+
+def _f1_thresholds(out: TestOutputs, labels: np.ndarray, has_mask: np.ndarray) -> dict:
+    """F1-max thresholds on a labelled split: the image threshold on all images, the pixel threshold on the
+    good images and the defect images with a mask (None without any). No false-positive bound is stated."""
+    image_thr, image_f1 = f1_max_threshold(out.scores, labels)
+    block = {"image": image_thr, "image_f1": image_f1, "pixel": None, "pixel_f1": None, "source": "test_split",
+             "n_images": int(len(labels)), "fpr_bound": None,
+             "method": "f1-max on the labelled test split (no false-positive bound: defect images set it)"}
+    rows = ~labels | has_mask
+    if (labels & has_mask).any():
+        block["pixel"], block["pixel_f1"] = f1_max_threshold(out.maps[rows].ravel(), out.masks[rows].ravel())
+    return block
+
+
+def _pixel_metrics(out: TestOutputs, labels: np.ndarray, has_mask: np.ndarray, device: torch.device) -> dict:
+    """The pixel metrics (P-AUROC, P-AP, PRO, IAP, IAP@90) of the anomaly map and of each secondary map (by
+    prefix) on the good images and the defect images with a mask, and the time they took (``metrics_s``)."""
     t1 = time.perf_counter()
+    rows = ~labels | has_mask
+    sel = slice(None) if rows.all() else np.flatnonzero(rows)
+    maps, masks, lab = out.maps[sel], out.masks[sel], labels[sel]
     sort_on = device if device.type == "cuda" else None  # the pixel sort is the costly part: on the GPU if any
-    ranking = pixel_ranking(out.maps, out.masks, sort_on)  # one sort of all pixels: metrics and threshold
-    result = evaluate(out.maps, out.masks, out.labels, out.scores, ranking)
-    for prefix, (maps, scores) in out.extra.items():
-        result.update({prefix + k: v for k, v in evaluate(maps, out.masks, out.labels, scores, device=sort_on).items()})
-    image_thr, image_f1 = f1_max_threshold(out.scores, out.labels)
-    pixel_thr, pixel_f1 = f1_max_threshold(out.maps.ravel(), out.masks.ravel(), ranking)
+    ranking = pixel_ranking(maps, masks, sort_on)
+    result = {k: v for k, v in evaluate(maps, masks, lab, out.scores[sel], ranking).items() if k != "i_auroc"}
     del ranking
+    for prefix, (extra_maps, scores) in out.extra.items():
+        result.update({prefix + k: v for k, v in evaluate(extra_maps[sel], masks, lab, scores[sel],
+                                                          device=sort_on).items() if k != "i_auroc"})
     result["metrics_s"] = time.perf_counter() - t1
-    result["_thresholds"] = {"image": image_thr, "pixel": pixel_thr, "image_f1": image_f1, "pixel_f1": pixel_f1,
-                             "source": "test_split", "method": "f1-max on the labelled test split"}
     return result
 
 
 def metrics_table(result: dict) -> str:
-    """The metrics as a table (a row per evaluated map), with a line on what was trained when the time
-    budget cut the run short."""
-    if "i_auroc" not in result:
-        table = result.get("note", "no metrics")
-    else:
-        rows = {result.get("model", "model"): {k: result[k] for k in METRIC_NAMES}}
+    """The metrics as a table (a row per evaluated map), the decisions at the thresholds in force, which
+    thresholds those are, the notes, and a line on what was trained when the time budget cut the run short."""
+    lines = []
+    if "i_auroc" in result:
+        rows = {result.get("model", "model"): {k: result.get(k) for k in METRIC_NAMES}}
         for key in result:
             if key.endswith("i_auroc") and key != "i_auroc":
                 prefix = key[: -len("i_auroc")]
-                rows[f"  {prefix.rstrip('_')} map"] = {k: result[prefix + k] for k in METRIC_NAMES}
-        table = format_table(rows)
-    return table + training_note(result)
+                rows[f"  {prefix.rstrip('_')} map"] = {k: result.get(prefix + k) for k in METRIC_NAMES}
+        lines.append(format_table(rows))
+        lines.append(f"image AP {100 * result['i_ap']:.1f}")
+    lines += decisions_lines(result)
+    if result.get("note"):
+        lines.append("note: " + result["note"])
+    return "\n".join(lines) + training_note(result)
+
+
+def decisions_lines(result: dict) -> list[str]:
+    """The decisions at the thresholds in force, in words, and the thresholds the split suggests."""
+    lines = []
+    thr = result.get("thresholds") or {}
+    d = result.get("decisions")
+    if d:
+        def rate(name, k, n):
+            lo, hi = d[f"{name}_ci95"]
+            return f"{k}/{n} = {100 * d[name]:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+
+        where = {"good_images": "set on good images", "test_split": "adopted from a test split"}.get(
+            thr.get("source"), thr.get("source", "?"))
+        lines.append(f"at the image threshold in force ({d['threshold']:.5g}, {where}):")
+        if d["n_defect"]:
+            lines.append("  defects detected   " + rate("detection_rate", d["detected"], d["n_defect"]))
+        if d["n_good"]:
+            lines.append("  false alarms       " + rate("false_alarm_rate", d["false_alarms"], d["n_good"]))
+    m = result.get("thresholds_measured")
+    if m and thr.get("measured_on_test"):
+        pixel = "none (no masks)" if m.get("pixel") is None else f"{m['pixel']:.5g}"
+        lines.append(f"this split suggests image threshold {m['image']:.5g}, pixel {pixel} ({m['method'].split(':')[0]}); "
+                     "recorded in thresholds.json under measured_on_test, not in force (--adopt-thresholds puts "
+                     "them in force)")
+    return lines
 
 
 def training_note(result: dict) -> str:
@@ -235,7 +368,11 @@ class Detector:
              compile: str = "auto") -> "Detector":
         """``backend``: ``auto`` (OpenVINO on a CPU where installed, else PyTorch), ``torch``, or ``openvino``
         (CPU; the run's IR is exported on first use); ``compile``: auto (torch.compile on CUDA), on, off."""
+        from destseg.health import run_warnings
+
         inf = load_inference(run_dir, device, precision, backend, compile)
+        for warning in run_warnings(inf.run):  # once per load: predict, serve and watch load once
+            warnings.warn(warning, stacklevel=2)
         return cls(inf.model, inf.config, inf.run.thresholds(), inf.device, inf.dtype, inf.model_name, inf.run)
 
     def preprocess(self, images) -> torch.Tensor:

@@ -164,9 +164,31 @@ class Loop:
                 self.step += 1
                 self.records[stage.name]["trained"] += 1
                 self.bar.update(1)
+                self._pace(stage, offset)
                 if self._after_step(stage, offset, loss, optimizer, val_ds, workers, stop, deadline):
                     break
         self.checkpoint(stage.name, optimizer)
+
+    # The expected wall time is measured on the steps after the first two of each stage (which warm up).
+    PACE_FROM, PACE_STEPS = 2, 8
+
+    def _pace(self, stage, offset: int) -> None:
+        """Once per stage, after its first few steps: the stage's pace and the expected wall time of the rest of
+        the plan at it (stderr, train.log, the progress bar's postfix)."""
+        done = self.step - offset
+        if done == self.PACE_FROM:
+            self._pace_t0 = time.perf_counter()
+        elif done == self.PACE_FROM + self.PACE_STEPS and getattr(self, "_pace_t0", None) is not None:
+            per_step = (time.perf_counter() - self._pace_t0) / self.PACE_STEPS
+            left = self.total - self.step
+            self._pace_t0 = None
+            finish = time.strftime("%H:%M", time.localtime(time.time() + per_step * left))
+            note = (f"{stage.name} stage: {per_step:.2f} s/step; at this pace the {left} steps left take about "
+                    f"{_minutes(per_step * left)} (done near {finish}; the pace of a later stage may differ)")
+            self.log({"step": self.step, "stage": stage.name, "pace_s_per_step": round(per_step, 4),
+                      "expected_s_left": round(per_step * left, 1)})
+            if self.dist.main:
+                tqdm.write(f"destseg: {note}", file=sys.stderr)
 
     def _optimizer(self, stage) -> torch.optim.Optimizer:
         """SGD over the stage's parameter groups; its state restored when resuming inside this stage."""
@@ -261,3 +283,12 @@ class Loop:
         if self.dist.active:
             over = all_reduce([float(over)], self.dist)[0] > 0
         return over
+
+
+def _minutes(seconds: float) -> str:
+    """A duration in words: '45 s', '12 min', '1 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"

@@ -316,10 +316,50 @@ def evaluate(maps, masks, labels, scores=None, ranking: Ranking | None = None, d
     }
 
 
+def image_metrics(scores, labels) -> dict[str, float]:
+    """The image-level metrics, which need labels only (no masks): I-AUROC and the image average precision
+    (``i_ap``: how well the image scores rank defect images above good ones)."""
+    labels = _binary("labels", np.asarray(labels).ravel())
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.shape != labels.shape:
+        raise MetricError(f"{scores.shape[0]} scores for {labels.shape[0]} labels")
+    _check_finite("scores", scores)
+    return {"i_auroc": auroc(scores, labels), "i_ap": average_precision(scores, labels)}
+
+
+def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact binomial) confidence interval of a rate seen as ``k`` of ``n``."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return 0.0, 1.0
+    alpha = 1 - level
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
+
+
+def decision_rates(scores, labels, threshold: float) -> dict:
+    """The decisions ``score >= threshold`` on labelled images: the detection rate (defect images called
+    defect) and the false-alarm rate (good images called defect), each with its count and 95% Clopper-Pearson
+    interval; a rate is None where its class has no image."""
+    labels = np.asarray(labels).ravel().astype(bool)
+    called = np.asarray(scores, dtype=np.float64).ravel() >= threshold
+    out: dict = {"threshold": float(threshold)}
+    for name, rows, count_name in (("detection_rate", labels, "detected"), ("false_alarm_rate", ~labels, "false_alarms")):
+        n, k = int(rows.sum()), int((called & rows).sum())
+        out[name] = k / n if n else None
+        out[count_name], out[f"n_{'defect' if name == 'detection_rate' else 'good'}"] = k, n
+        out[f"{name}_ci95"] = list(proportion_ci(k, n)) if n else None
+    return out
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """Plain-text table, one row per name, metrics in percent."""
+    """Plain-text table, one row per name, metrics in percent ('-' for a metric not computed, such as the
+    pixel metrics of a split without masks)."""
     header = f"{'':<12}" + "".join(f"{m:>9}" for m in METRIC_NAMES)
     lines = [header]
     for name, metrics in rows.items():
-        lines.append(f"{name:<12}" + "".join(f"{100 * metrics[m]:>9.1f}" for m in METRIC_NAMES))
+        lines.append(f"{name:<12}" + "".join(f"{100 * metrics[m]:>9.1f}" if metrics.get(m) is not None
+                                             else f"{'-':>9}" for m in METRIC_NAMES))
     return "\n".join(lines)

@@ -45,8 +45,9 @@ from destseg.thresholds import in_force
 from destseg.visualize import threshold_mask, threshold_overlay
 
 
-def iter_inputs(spec: str) -> tuple[Path, Iterator[Path]]:
-    """(base folder for relative names, lazy iterator of files) for an image, a folder or a glob."""
+def iter_inputs(spec: str, ignored: list | None = None) -> tuple[Path, Iterator[Path]]:
+    """(base folder for relative names, lazy iterator of files) for an image, a folder or a glob; the files of a
+    folder that are not images (by extension; hidden files aside) are appended to ``ignored`` as they are met."""
     path = Path(spec)
     if path.is_file():
         return path.parent, iter([path])
@@ -58,6 +59,8 @@ def iter_inputs(spec: str) -> tuple[Path, Iterator[Path]]:
                     p = Path(dirpath) / name
                     if p.suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
                         yield p
+                    elif ignored is not None and not name.startswith("."):
+                        ignored.append(p)
         return path, walk()
     if any(ch in spec for ch in "*?["):
         base = Path(spec.split("*")[0].split("?")[0].split("[")[0] or ".")
@@ -135,6 +138,8 @@ class _Results:
                  model_hw: tuple[int, int], pixel_thr: float | None, dist: Dist):
         self.out, self.pool, self.in_flight, self.dist = out, pool, in_flight, dist
         self.output_size, self.model_hw, self.pixel_thr = output_size, model_hw, pixel_thr
+        self.image_thr: float | None = None  # the image threshold that decides every row (set by run_predict)
+        self.ignored: list[Path] = []  # files of an input folder that are not images
         self.writes: deque = deque()
         self.skipped: list[dict] = []
         self.n_done = self.n_defect = 0
@@ -154,7 +159,7 @@ class _Results:
             while len(self.writes) > self.in_flight:
                 self.writes.popleft().result()
         row = {"file": str(path), "score": pred.score, "decision": "defect" if pred.is_defect else "ok",
-               "overlay": str(over_path.relative_to(self.out)), "mask": str(mask_path.relative_to(self.out)),
+               "threshold": self.image_thr, "overlay": str(over_path.relative_to(self.out)), "mask": str(mask_path.relative_to(self.out)),
                "height": in_hw[0], "width": in_hw[1]}
         self.frows.write(json.dumps({"index": index, "row": row}) + "\n")
         self.n_done += 1
@@ -180,7 +185,7 @@ class _Results:
         try:  # each rank's rows are in input order: a streaming merge keeps memory bounded
             with open(csv_tmp, "w", newline="") as fcsv, open(json_tmp, "w") as fjson:
                 writer = csv.writer(fcsv)
-                writer.writerow(["file", "score", "decision", "overlay", "mask", "height", "width"])
+                writer.writerow(["file", "score", "decision", "threshold", "overlay", "mask", "height", "width"])
                 fjson.write('{"results": [\n')
                 for e in heapq.merge(*(map(json.loads, f) for f in files), key=lambda e: e["index"]):
                     if "skipped" in e:
@@ -192,7 +197,8 @@ class _Results:
                     self.n_done += 1
                     self.n_defect += row["decision"] == "defect"
                 fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": '
-                            f'{json.dumps(pixel_thr)},\n"skipped": {json.dumps(self.skipped, indent=1)}}}\n')
+                            f'{json.dumps(pixel_thr)},\n"skipped": {json.dumps(self.skipped, indent=1)},\n'
+                            f'"ignored": {json.dumps([str(p) for p in self.ignored], indent=1)}}}\n')
         finally:
             for f in files:
                 f.close()
@@ -234,7 +240,9 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     barrier(dist)  # every rank has checked OUT before any writes there
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    base, paths = iter_inputs(input_spec)
+    results = _Results(out, None, 4 * batch_size, output_size, hw(det.config.image_size), pixel_thr, dist)
+    results.image_thr = image_thr
+    base, paths = iter_inputs(input_spec, results.ignored)
     mine = ((i, p, stem) for i, p, stem in _named(paths, base) if i % dist.world_size == dist.rank)
     size = det.config.image_size
     workers = io_workers(det.device) if workers < 0 else workers
@@ -243,7 +251,7 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
                unit="img", disable=not progress or not dist.main)
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-io") if workers > 0 else None
-    results = _Results(out, pool, 4 * batch_size, output_size, hw(size), pixel_thr, dist)
+    results.pool = pool
     try:
         batch = []
         load = lambda x: ((x[0], x[2]), load_for_model(x[1], size))  # noqa: E731
@@ -281,6 +289,10 @@ def _summary(results: _Results, out: Path, wall: float) -> int:
     n = results.n_done
     print(f"{n} images in {wall:.1f} s ({n / max(wall, 1e-9):.1f} images/s, reading and writing included): "
           f"{results.n_defect} defect, {n - results.n_defect} ok; results in {out}")
+    if results.ignored:
+        names = ", ".join(p.name for p in results.ignored[:5]) + (", ..." if len(results.ignored) > 5 else "")
+        print(f"{len(results.ignored)} file(s) of the input folder are not images of a type read here and were "
+              f"left out: {names} (listed in results.json under ignored)", file=sys.stderr)
     if results.skipped:
         print(f"{len(results.skipped)} file(s) skipped:", file=sys.stderr)
         for s in results.skipped:

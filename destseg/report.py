@@ -75,7 +75,8 @@ def write_report(path: Path, result: dict, outputs, samples, size: int, n_worst:
     if "i_auroc" in result:
         head = "".join(f"<th>{m}</th>" for m in METRIC_NAMES)
         def row(name, prefix):
-            cells = "".join("<td>%.1f</td>" % (100 * result[prefix + m]) for m in METRIC_NAMES)
+            cells = "".join("<td>%.1f</td>" % (100 * result[prefix + m]) if result.get(prefix + m) is not None
+                            else "<td>-</td>" for m in METRIC_NAMES)
             return f"<tr><td>{name}</td>{cells}</tr>"
 
         rows = row("anomaly map", "") + (row("DeST map", "dest_") if "dest_i_auroc" in result else "")
@@ -85,8 +86,11 @@ def write_report(path: Path, result: dict, outputs, samples, size: int, n_worst:
         parts.append('<div class="charts">' + _svg_curve(fpr, tpr, "Image ROC", "false-positive rate", "true-positive rate")
                      + _svg_curve(rec, prec, "Image precision-recall", "recall", "precision")
                      + _svg_histogram(scores[~labels], scores[labels], thr) + "</div>")
-    else:
-        parts.append(f"<p>{html.escape(result.get('note', ''))}</p>")
+    from destseg.infer import decisions_lines
+
+    parts.append('<pre id="decisions">' + html.escape("\n".join(decisions_lines(result))) + "</pre>")
+    if result.get("note"):
+        parts.append(f'<p id="note">{html.escape(result["note"])}</p>')
     if thr is not None:
         vmax = float(np.quantile(outputs.maps, 0.999)) or 1.0
         for title, mask_sel, order in (("Worst false positives (good images scored highest)", ~labels, -1),

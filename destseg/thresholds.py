@@ -2,8 +2,9 @@
 a split without defects) or F1-max on a labelled test split, and which threshold is in force.
 
 RUN/thresholds.json holds the thresholds in force (``image``, ``pixel``), where they came from (``source``:
-``good_images`` or ``test_split``, and ``method`` in words), since when (``since``, UTC) and, once ``destseg
-test`` has refined them, the good-image thresholds from training under ``good_images``. Good-image thresholds
+``good_images`` or ``test_split``, and ``method`` in words) and since when (``since``, UTC). ``destseg test``
+records the thresholds a labelled split suggests beside them (``measured_on_test``) without putting them in
+force; with ``--adopt-thresholds`` they replace them, the good-image thresholds kept under ``good_images``. Good-image thresholds
 state their guarantee: ``n_images``, ``fpr_target`` and ``fpr_bound``. Every thresholds.json replaced is kept
 in RUN/thresholds-history/ (named by its ``since``), so a decision can be traced to the thresholds it used.
 """
@@ -108,6 +109,7 @@ def write_thresholds(run_dir: Path, thresholds: dict) -> dict:
         good = previous if previous.get("source") == "good_images" else previous.get("good_images")
         if good:
             thresholds = {**thresholds, "good_images": good}
+    thresholds = {k: v for k, v in thresholds.items() if k != "measured_on_test"}
     thresholds = {**thresholds, "since": utc_now()}
     if previous is not None:
         old = Path(run_dir) / HISTORY / f"thresholds-{_stamp(previous, path)}.json"
@@ -115,6 +117,17 @@ def write_thresholds(run_dir: Path, thresholds: dict) -> dict:
             atomic_write_text(old, path.read_text())
     atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
     return thresholds
+
+
+def record_measured(run_dir: Path, measured: dict) -> dict:
+    """Record thresholds measured on a test split beside the ones in force (``measured_on_test`` in
+    RUN/thresholds.json), which stay as they are (same ``since``, no history entry); returns the file's
+    content. ``destseg test --adopt-thresholds`` puts them in force instead."""
+    path = Path(run_dir) / "thresholds.json"
+    current = read_thresholds(run_dir) or {}
+    updated = {**current, "measured_on_test": measured}
+    atomic_write_text(path, json.dumps(updated, indent=2) + "\n")
+    return updated
 
 
 def _stamp(thresholds: dict, path: Path) -> str:

@@ -125,6 +125,8 @@ def resolve_config(model_name: str, overrides: dict, schedule: str | None, devic
     name = resolve_schedule_name(schedule or "auto", device.type)
     scheduled, words = schedule_overrides(name, model_name, len(split.train))
     config = model_config(model_name, explicit=frozenset(overrides), **{**scheduled, **overrides})
+    if overrides:  # what was trained: the flags given win over the schedule's values
+        words += "; set by flags: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(overrides.items()))
     return config, words, split
 
 
@@ -161,7 +163,10 @@ def resolve_rotation(category: str, config, options: TrainOptions) -> tuple[str,
     if not config.category_rotation:
         return "none", "this model trains without augmentation (category_rotation=False)"
     if category in CATEGORY_ROTATION:
-        return CATEGORY_ROTATION[category], f"SPEC setting for category '{category}'"
+        return CATEGORY_ROTATION[category], f"the paper's setting for category '{category}'"
+    if not category:
+        return "none", ("a plain folder of good images: no rotation augmentation by default (parts that come in "
+                        "any orientation train better with --rotation rot90)")
     return "none", (f"unknown category '{category}': no rotation augmentation by default "
                     "(choose one with --rotation none|small|rot90)")
 
@@ -250,6 +255,7 @@ def train(run_dir: Path | str, model_name: str | None = None, config=None, data:
         if not resume:
             run.write_config(model_name, config, data, dataclasses.asdict(options), resolved)
             _announce(run, resolved)
+        print(f"destseg: plan: {plan_in_words(stages, config.batch_size, len(split.train))}", file=sys.stderr)
 
     loop = Loop(run, model_name, model, config, options, device, dtype, dist, ckpt)
     try:
@@ -331,6 +337,14 @@ class _TrainingData:
                            self.spec.normalize)
 
 
+def plan_in_words(stages, batch_size: int, n_train: int) -> str:
+    """'student 600 steps of 16 images + segmentation 600 steps of 8 = 1200 steps on 188 training images'."""
+    parts = [f"{s.name} {s.steps} steps of {s.batch_size or batch_size} images" for s in stages]
+    total = sum(s.steps for s in stages)
+    return (" + ".join(parts) + (f" = {total} steps" if len(stages) > 1 else "")
+            + f" on {n_train} training images; the expected time follows after the first steps")
+
+
 def _saved_run(run: Run, options: TrainOptions | None, data: DataSource | None):
     """(model name, config, options, data source, checkpoint) of the run to resume; only the progress-bar
     choice comes from the caller."""
@@ -353,7 +367,7 @@ def _saved_run(run: Run, options: TrainOptions | None, data: DataSource | None):
 
 def _announce(run: Run, resolved: dict) -> None:
     """The choices a user should see on stderr, and the train.log header."""
-    if resolved["rotation_source"].startswith("unknown"):
+    if resolved["rotation_source"].startswith(("unknown", "a plain folder")):
         print(f"destseg: note: {resolved['rotation_source']}", file=sys.stderr)
     if resolved["anomaly_color_source"].startswith("auto: all"):
         print(f"destseg: note: {resolved['anomaly_color_source']}", file=sys.stderr)

@@ -285,6 +285,9 @@ class Watcher:
             self.results.append(rows)  # the journal entry, once the PNGs are on disk
             for r in rows:
                 self.seen.pop(r["file"], None)
+                if r["decision"] == "defect":  # each defect decision as it happens, once it is journalled
+                    self.log(f"destseg watch: DEFECT {r['file']} score {float(r['score']):.4g} >= threshold "
+                             f"{float(r['threshold']):.4g} (overlay {r['overlay']})", flush=True)
             for pred in preds:
                 self.drift.add(pred.score)
             self._report_drift(len(rows), sum(r["decision"] == "defect" for r in rows))

@@ -116,7 +116,10 @@ def test_fuzzed_argv_never_ends_in_a_traceback(world, no_work, tmp_path):
     (["train", "--data", "{missing}", "--category", "widget", "--out", "{out}"], "dataset root not found"),
     (["train", "--data", "{root}", "--category", "nope", "--out", "{out}"], "category 'nope' not found"),
     (["test", "--run", "{missing}"], "not a run directory"),
-    (["test", "--run", "{run}", "--data", "{root}"], "pass both --data and --category"),
+    (["test", "--run", "{run}", "--data", "{root}"], "test needs labelled images: --good DIR and --defect DIR"),
+    (["train", "--data", "{root}", "--out", "{out}"], "is a dataset root with categories widget: pass --category"),
+    (["test", "--run", "{run}", "--good", "{missing}"], "good image folder (--good) not found"),
+    (["test", "--run", "{run}", "--masks", "{root}"], "--masks needs --defect"),
     (["predict", "--run", "{emptyrun}", "--input", "{root}", "--out", "{out}"], "checkpoint not found"),
     (["evaluate", "--predictions", "{file}"], "cannot read predictions"),
 ])

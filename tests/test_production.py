@@ -39,8 +39,10 @@ def tiny_run(tmp_path_factory):
 def test_thresholds_and_report(tiny_run):
     run, _ = tiny_run
     thr = json.loads((run / "thresholds.json").read_text())
-    assert thr["method"].startswith("f1-max") and {"image", "pixel"} <= set(thr)
+    assert thr["source"] == "good_images" and {"image", "pixel"} <= set(thr)  # in force: from training
+    assert thr["measured_on_test"]["method"].startswith("f1-max")  # beside them: what the test split suggests
     page = (run / "report.html").read_text()
+    assert '<pre id="decisions">at the image threshold in force' in page
 
     class Collect(HTMLParser):
         tags: list = []
@@ -63,8 +65,14 @@ def test_fpr_thresholds_without_defects(tmp_path):
     run = tmp_path / "run"
     cfg = model_config("destseg", teacher="efficientnet_lite0", image_size=64, batch_size=2, steps=2, student_steps=1)
     train(run, "destseg", cfg, DataSource(str(root), "widget"), options=TrainOptions(progress=False))
+    before = (run / "calibration.json").read_text()
     result = evaluate_run(run, progress=False, fpr=0.5)
-    assert "metrics skipped" in result["note"]
+    assert "no defect images" in result["note"] and "i_auroc" not in result
+    assert result["decisions"]["n_good"] == 2 and result["decisions"]["detection_rate"] is None
+    assert (run / "calibration.json").read_text() == before  # measured, recorded, not in force
+    assert json.loads((run / "thresholds.json").read_text())["measured_on_test"]["n_images"] == 2
+    result = evaluate_run(run, progress=False, fpr=0.5, adopt_thresholds=True)
+    assert (run / "calibration.json").read_text() != before
     thr = json.loads((run / "thresholds.json").read_text())
     scores = np.sort(result["_outputs"].scores)  # split conformal: the ceil((n + 1)(1 - fpr))-th smallest
     k = min(int(np.ceil((len(scores) + 1) * 0.5)), len(scores))
@@ -339,11 +347,18 @@ def test_predict_works_right_after_train_with_good_image_threshold(tmp_path):
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and {r["decision"] for r in rows} <= {"ok", "defect"}
     assert Detector.load(run).predict(np.zeros((64, 64, 3), np.uint8)).is_defect is not None
-    # `test` refines the threshold on the labelled split and keeps the good-image one beside it;
-    # --data alone takes the category from the run.
+    # `test` records the labelled split's thresholds beside the ones in force, which stay; --adopt-thresholds puts
+    # them in force and keeps the good-image ones beside them; --data alone takes the category from the run.
+    before = json.loads((run / "thresholds.json").read_text())
     assert main(["test", "--run", str(run), "--data", str(root), "--no-progress", "--no-report"]) == 0
     thr = json.loads((run / "thresholds.json").read_text())
+    assert {k: thr[k] for k in before} == before and thr["measured_on_test"]["source"] == "test_split"
+    assert thr["measured_on_test"]["fpr_bound"] is None and thr["measured_on_test"]["method"].startswith("f1-max")
+    assert main(["test", "--run", str(run), "--data", str(root), "--no-progress", "--no-report",
+                 "--adopt-thresholds"]) == 0
+    thr = json.loads((run / "thresholds.json").read_text())
     assert thr["source"] == "test_split" and thr["good_images"]["source"] == "good_images"
+    assert "measured_on_test" not in thr and len(list((run / "thresholds-history").iterdir())) == 1
 
 
 def test_non_square_run_trains_tests_predicts_and_exports(tmp_path):
@@ -617,6 +632,7 @@ def test_auto_precision_is_int8_on_a_cpu_without_native_bf16(tiny_run, monkeypat
     monkeypatch.setattr(DeSTSeg, "int8_by_default", False)  # a model whose int8 accuracy was not measured
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fp32 is its default: nothing to warn about
+        warnings.filterwarnings("ignore", message=".*UNDERTRAINED")  # the tiny run's few steps
         assert Detector.load(run).model.precision == "f32"
     monkeypatch.setattr(DeSTSeg, "int8_by_default", True)
     monkeypatch.setattr(ovir, "calibration_paths", lambda run: [])

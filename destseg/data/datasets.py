@@ -48,6 +48,7 @@ class DatasetIndex:
     test: list[TestSample]
     problems: list[str] = field(default_factory=list)
     gray_train: dict[Path, bool] = field(default_factory=dict)  # readable training image -> grayscale (validate)
+    test_only: bool = False  # a test split of its own (--good/--defect folders): no training folder expected
 
     def summary(self) -> dict:
         defects: dict[str, int] = {}
@@ -61,6 +62,7 @@ class DatasetIndex:
             "test_good": sum(1 for s in self.test if not s.label),
             "test_defect": sum(1 for s in self.test if s.label),
             "masks": sum(1 for s in self.test if s.mask is not None),
+            "defects_without_mask": sum(1 for s in self.test if s.label and s.mask is None),
             "defect_types": dict(sorted(defects.items())),
             "problems": list(self.problems),
         }
@@ -74,8 +76,8 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _non_image_problems(folder: Path) -> list[str]:
-    return [f"{p}: not an image file (ignored)" for p in sorted(folder.iterdir())
+def _non_image_problems(folder: Path, recursive: bool = False) -> list[str]:
+    return [f"{p}: not an image file (ignored)" for p in sorted(folder.glob("**/*" if recursive else "*"))
             if p.is_file() and not is_image_file(p) and not p.name.startswith(".")]
 
 
@@ -93,7 +95,9 @@ def _find_mask(folder: Path, stem: str) -> Path | None:
 
 def scan_mvtec(root: Path | str, category: str, name: str = "mvtec") -> DatasetIndex:
     """MVTec AD / MPDD / BTAD layout: <root>/<category>/{train/good, test/<type>, ground_truth/<type>}, where
-    the good folders may be called ``ok`` (BTAD) and a mask ``<stem>_mask.<ext>`` or ``<stem>.<ext>``."""
+    the good folders may be called ``ok`` (BTAD) and a mask ``<stem>_mask.<ext>`` or ``<stem>.<ext>``. Without a
+    ground_truth folder the defect images have no masks (judged by their labels); with one, a missing mask is a
+    problem."""
     root = Path(root)
     _require_dir(root, "dataset root")
     base = root / category
@@ -115,7 +119,7 @@ def scan_mvtec(root: Path | str, category: str, name: str = "mvtec") -> DatasetI
                 test.append(TestSample(img, 0, None, "good"))
                 continue
             mask = _find_mask(base / "ground_truth" / defect, img.stem)
-            if mask is None:
+            if mask is None and (base / "ground_truth").is_dir():  # without ground_truth/: judged by labels only
                 expected = base / "ground_truth" / defect / f"{img.stem}_mask.png"
                 problems.append(f"{img}: defect image has no mask (expected {expected} or "
                                 f"{expected.with_name(img.stem + '.png')})")
@@ -155,21 +159,29 @@ def scan_visa(root: Path | str, category: str) -> DatasetIndex:
     return DatasetIndex(f"visa/{category}", sorted(train), test, problems)
 
 
+def _mask_index(mask_dir: Path) -> dict[str, Path]:
+    """Masks under ``mask_dir`` (recursively) by the stem of the image they belong to (``x.png`` or
+    ``x_mask.png`` -> ``x``)."""
+    return {m.stem.removesuffix("_mask"): m for m in list_images(mask_dir, recursive=True)}
+
+
 def scan_folder(normal_dir: Path | str, abnormal_dir: Path | str | None = None,
                 mask_dir: Path | str | None = None, normal_test_dir: Path | str | None = None,
                 test_split: float = 0.2) -> DatasetIndex:
-    """Users' own data: a folder of normal images, optionally abnormal images and their masks.
+    """Users' own data: a folder of normal images (recursively), optionally abnormal images and masks.
 
-    Masks are matched by stem (``x.png`` -> ``x.png`` or ``x_mask.png``). Without ``normal_test_dir``,
+    Masks are optional and matched by stem (``x.png`` -> ``x.png`` or ``x_mask.png`` anywhere under
+    ``mask_dir``); a defect image without one is judged by its label only. Without ``normal_test_dir``,
     every fifth normal image (a fixed ``test_split`` share) is held out for testing when abnormal images
     are given, so that the test split has both classes.
     """
-    normal_dir = _require_dir(Path(normal_dir), "normal image folder")
-    normals = list_images(normal_dir)
-    problems = _non_image_problems(normal_dir)
+    normal_dir = _require_dir(Path(normal_dir), "good image folder")
+    normals = list_images(normal_dir, recursive=True)
+    problems = _non_image_problems(normal_dir, recursive=True)
     test: list[TestSample] = []
     if normal_test_dir is not None:
-        test += [TestSample(p, 0, None, "good") for p in list_images(_require_dir(Path(normal_test_dir), "normal test folder"))]
+        folder = _require_dir(Path(normal_test_dir), "good test image folder")
+        test += [TestSample(p, 0, None, "good") for p in list_images(folder, recursive=True)]
         train = normals
     elif abnormal_dir is not None:
         step = max(2, round(1 / test_split))
@@ -179,17 +191,53 @@ def scan_folder(normal_dir: Path | str, abnormal_dir: Path | str | None = None,
     else:
         train = normals
     if abnormal_dir is not None:
-        abnormal_dir = _require_dir(Path(abnormal_dir), "abnormal image folder")
-        masks = {}
-        if mask_dir is not None:
-            for m in list_images(_require_dir(Path(mask_dir), "mask folder")):
-                masks[m.stem.removesuffix("_mask")] = m
-        for img in list_images(abnormal_dir):
-            mask = masks.get(img.stem)
-            if mask_dir is not None and mask is None:
-                problems.append(f"{img}: defect image has no mask in {mask_dir}")
-            test.append(TestSample(img, 1, mask, "defect"))
+        test += _defect_samples(abnormal_dir, mask_dir, problems)
     return DatasetIndex(f"folder/{normal_dir.name}", train, test, problems)
+
+
+def _defect_samples(defect_dir, mask_dir, problems: list[str]) -> list[TestSample]:
+    defect_dir = _require_dir(Path(defect_dir), "defect image folder")
+    problems += _non_image_problems(defect_dir, recursive=True)
+    masks = _mask_index(_require_dir(Path(mask_dir), "mask folder")) if mask_dir is not None else {}
+    return [TestSample(img, 1, masks.get(img.stem), img.parent.name if img.parent != defect_dir else "defect")
+            for img in list_images(defect_dir, recursive=True)]
+
+
+def scan_test_folders(good: Path | str | None, defect: Path | str | None = None,
+                      masks: Path | str | None = None) -> DatasetIndex:
+    """A test split from plain folders (``destseg test --good DIR --defect DIR [--masks DIR]``): good images,
+    defect images (each subfolder name is its defect type), and optional masks matched by stem. Either
+    folder may be missing (None), not both."""
+    if masks is not None and defect is None:
+        raise DatasetError("--masks needs --defect: masks belong to defect images")
+    if good is None and defect is None:
+        raise DatasetError("a test split needs --good DIR and/or --defect DIR")
+    problems: list[str] = []
+    test: list[TestSample] = []
+    if good is not None:
+        folder = _require_dir(Path(good), "good image folder (--good)")
+        problems += _non_image_problems(folder, recursive=True)
+        test += [TestSample(p, 0, None, "good") for p in list_images(folder, recursive=True)]
+    if defect is not None:
+        test += _defect_samples(defect, masks, problems)
+    name = Path(defect if defect is not None else good).name
+    return DatasetIndex(f"folders/{name}", [], test, problems, test_only=True)
+
+
+def looks_like_layout(folder: Path) -> str | None:
+    """Why ``folder`` looks like a benchmark dataset (MVTec layout) rather than a plain folder of good
+    images, or None: training on all its images would train on its defect images too."""
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        return (f"{folder} holds train/ and test/ folders (a category of an MVTec-layout dataset): pass "
+                f"--data {folder.parent} --category {folder.name}, or point --data at a folder of good images only")
+    categories = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "train").is_dir())
+    if categories:
+        return (f"{folder} is a dataset root with categories {', '.join(categories[:8])}"
+                f"{'...' if len(categories) > 8 else ''}: pass --category NAME, or point --data at a folder of "
+                "good images only")
+    if (folder / "split_csv" / "1cls.csv").is_file():
+        return f"{folder} is a VisA dataset root: pass --category NAME"
+    return None
 
 
 def scan_dataset(root: Path | str, category: str, layout: str = "auto") -> DatasetIndex:
@@ -206,7 +254,7 @@ def scan_dataset(root: Path | str, category: str, layout: str = "auto") -> Datas
 def validate(index: DatasetIndex, check_pixels: bool = True) -> DatasetIndex:
     """Open every file and add what is wrong to ``index.problems`` (in place; also returned)."""
     problems = index.problems
-    if not index.train:
+    if not index.train and not index.test_only:
         problems.append(f"{index.name}: training folder has no images")
     if check_pixels:
         for path in index.train:
@@ -237,14 +285,39 @@ def validate(index: DatasetIndex, check_pixels: bool = True) -> DatasetIndex:
 
 @dataclass
 class DataSource:
-    """Where a run's data comes from (recorded in the run config): a dataset root, a category, a layout."""
+    """Where a run's data comes from (recorded in the run config): a dataset root, a category and a layout,
+    or (``layout="folder"``) a plain folder of good images, every image under it (recursively) for training
+    and no test split (``category`` empty: no category-specific settings)."""
 
     root: str
-    category: str
+    category: str = ""
     layout: str = "auto"
 
     def scan(self) -> DatasetIndex:
+        if self.layout == "folder":
+            return scan_folder(self.root)
         return scan_dataset(self.root, self.category, self.layout)
+
+    @classmethod
+    def folder(cls, path: Path | str) -> "DataSource":
+        """A plain folder of good images; refused (with what to pass instead) where it is a dataset root."""
+        path = _require_dir(Path(path), "good image folder (--data)")
+        why = looks_like_layout(path)
+        if why:
+            raise DatasetError(why)
+        return cls(str(path), "", "folder")
+
+
+@dataclass
+class TestFolders:
+    """A test split from plain folders: good images, defect images and (optional) masks."""
+
+    good: str | None = None
+    defect: str | None = None
+    masks: str | None = None
+
+    def scan(self) -> DatasetIndex:
+        return scan_test_folders(self.good, self.defect, self.masks)
 
 
 # ------------------------------------------------------------------------------------------ torch datasets

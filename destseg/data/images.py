@@ -20,7 +20,11 @@ from PIL import Image
 
 from destseg.errors import ImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The raster formats Pillow decodes here (PNG, JPEG, BMP, TIFF, WebP, GIF, PNM, TGA, JPEG 2000...); files of
+# other types in an input folder are counted and named by the commands that skip them.
+_RASTER = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+           ".pgm", ".ppm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".jpx", ".avif")
+IMAGE_EXTENSIONS = tuple(e for e in _RASTER if Image.registered_extensions().get(e) in Image.OPEN)
 
 # Refuse anything larger before decoding: a 20000x20000 header would need 1.2 GB of RAM to decode.
 MAX_PIXELS = 64_000_000

@@ -53,7 +53,7 @@ def _image_size(values: list[int]):
 class ModelConfig:
     """Fields every model has. A model's config dataclass extends it; paper values are the defaults."""
 
-    teacher: str = option("resnet18", "teacher backbone (default: resnet18, the paper's)",
+    teacher: str = option("resnet18", "teacher backbone (the paper: resnet18)",
                           lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}", choices=list(BACKBONES))
     image_size: int | tuple[int, int] = option(
         256, "model input size: S (square) or H W, multiples of 32 (default 256)", _valid_size,

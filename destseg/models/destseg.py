@@ -31,7 +31,7 @@ class DeSTSegConfig(SegmentationGuidedConfig):
     """Paper values (SPEC "DeSTSeg model") as defaults, with the Table 4 ablations (denoising input,
     encoder-decoder student, segmentation network)."""
 
-    student_width: int = option(64, "channels of the student encoder's first stage (default 64, ResNet18's; "
+    student_width: int = option(64, "channels of the student encoder's first stage (the paper: 64, ResNet18's; "
                                     "the later stages double it)", lambda v: v >= 8, "at least 8")
     student_arch: str = option("encoder_decoder", "ablation: student = teacher architecture",
                                lambda v: v in ("encoder_decoder", "identical"), "encoder_decoder or identical",
