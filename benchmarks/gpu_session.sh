@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU measurements that issues #13 and #18 ask for, in few device calls (30 device-minutes a session,
+# The GPU measurements (smoke, speed, the paper schedule), in few device calls (30 device-minutes a session,
 # 10 minutes a call, the machine released after 30 s idle). Stage once on this machine, from the project root:
 #   ../shared/tools/device-prep
 # then each phase is one `device` run with carry [".dev"] and the command
@@ -9,7 +9,7 @@
 #   speed   benchmarks/end_to_end.py (DeSTSeg paper schedule, 3000 PNGs) + metrics_speed.py --device cuda
 #   bench   starts the paper-schedule benchmark in the background (bottle 3 seeds, then metal_plate 1 seed)
 #           and returns; follow with `poll` calls, back to back
-#   schedules  issue #13 (3), why the paper schedule scored under the cpu one on bottle: starts, in the
+#   schedules  why the paper schedule scored under the cpu one on bottle: starts, in the
 #           background, bottle seeds 0-1 with the cpu schedule and with the paper's stage 1 followed by 500
 #           or 1000 segmentation steps instead of 4000 (schedule files); compare with bench's paper rows
 #   poll    waits up to 9 minutes for what bench/schedules started, then copies results and logs to $OUT

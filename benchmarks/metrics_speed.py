@@ -1,5 +1,5 @@
 """Time of the metric suite on large test sets of generated anomaly maps, as `destseg test` runs it: one
-ranking of all pixels (`pixel_ranking`), the six SPEC metrics (`evaluate`) and the pixel F1-max threshold.
+ranking of all pixels (`pixel_ranking`), the six metrics (`evaluate`) and the pixel F1-max threshold.
 
     .venv/bin/python benchmarks/metrics_speed.py [--n 150 1000 3000] [--size 256] [--device cuda]
 

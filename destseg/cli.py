@@ -288,12 +288,18 @@ def cmd_feedback(args) -> int:
         if not Path(f).is_file():
             raise DestsegError(f"{f}: no such file")
     det = Detector.load(args.run, device=args.device)
+    refused = 0
     for f, kind in marks:
-        entry = add_feedback(args.run, f, kind, score=det.predict(f).score)
+        try:
+            entry = add_feedback(args.run, f, kind, score=det.predict(f).score)
+        except DestsegError as exc:
+            print(f"destseg: refused: {exc}", file=sys.stderr)
+            refused += 1
+            continue
         print(f"{f}: {kind.replace('_', ' ')}{'' if entry['new'] else ' (already marked)'} "
               f"(score {entry['score']:.4g})")
     print(f"kept in {Path(args.run) / 'feedback'}; `destseg recalibrate --run {args.run}` refits the thresholds")
-    return 0
+    return 1 if refused else 0
 
 
 def cmd_recalibrate(args) -> int:
@@ -435,13 +441,11 @@ def _train_parser(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
     p.add_argument("--teacher-weights", help="explicit teacher weights file (ResNet18: torchvision's)")
     p.add_argument("--schedule", default="auto",
-                   help="auto (default): cpu on a CPU, paper on a GPU; paper: the SPEC's schedule; cpu: the "
-                        "model's schedule sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that follow the "
-                        "training set; for DeSTSeg a student at 32 channels and a segmentation network at 48, "
-                        "trained in steps of 8 images from twice the paper's rates decayed to 0: 11x less "
-                        "inference arithmetic, docs/RESULTS.md); cpu-paper-widths: DeSTSeg's cpu schedule "
-                        "before 2026-12-01, the paper's widths and stage-2 rates at the same step counts; fast: "
-                        "the cpu schedule's former name; or a JSON file {model: {field: value}}. Explicit flags "
+                   help="auto (default): cpu on a CPU, paper on a GPU; paper: the paper's schedule (5000 steps of "
+                        "32 images, its widths); cpu: sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that "
+                        "follow the training set; for DeSTSeg a student at 32 channels and a segmentation network "
+                        "at 48, 11x less inference arithmetic; docs/RESULTS.md); cpu-wide: the paper's widths at "
+                        "the cpu schedule's steps (DeSTSeg); or a JSON file {model: {field: value}}. Flags given "
                         "override it")
     p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
                                          "cumulative share of the budget; the steps trained are recorded)")
@@ -453,7 +457,7 @@ def _train_parser(p) -> None:
                                          "the DTD release once into the cache (the paper's source); default: a "
                                          "built-in procedural generator (offline fallback, flagged in the run)")
     p.add_argument("--rotation", choices=["none", "small", "rot90"],
-                   help="train-time rotation; default: the category's SPEC setting (none for a model that trains "
+                   help="train-time rotation; default: the category's setting from the paper (none for a model that trains "
                         "without augmentation and for a category the library does not know)")
     p.add_argument("--anomaly-color", default="auto", choices=["auto", "rgb", "gray"],
                    help="colour of the synthetic anomalies: rgb (the textures as they are), gray (their "
@@ -587,7 +591,7 @@ def _benchmark_parser(p) -> None:
                         "with a train/ folder under each root")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--schedule", default="cpu",
-                   help="auto, paper, cpu, cpu-paper-widths, fast, or a JSON file (see train --help)")
+                   help="auto, paper, cpu, cpu-wide, or a JSON file (see train --help); default cpu")
     p.add_argument("--teacher", default="efficientnet_lite0", choices=list(BACKBONES))
     p.add_argument("--texture-dir")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per (category, model)")
@@ -629,14 +633,37 @@ anomaly score, a heat map and an OK/defect decision for each).
 Each command's options: destseg COMMAND --help."""
 
 
+# Help for the flags several commands share, where a command gives none of its own.
+COMMON_HELP = {
+    "--device": "auto (default): the GPU where there is one, else the CPU; or cpu, cuda, cuda:N",
+    "--run": "run folder (made by destseg train)",
+    "--no-progress": "no progress bars (for logs and CI)",
+    "--overwrite": "replace what is already there",
+    "--out": "where to write the output",
+    "--json": "print JSON instead of a table",
+    "--batch-size": "images per batch (default 16)",
+    "--texture-dir": "anomaly source images for every run (see train --help)",
+    "--teacher": "teacher backbone for every run",
+    "--seed": "seed of the weights, the image split and the synthetic anomalies (default 0)",
+    "--precision": "auto (default): bf16 autocast where the CPU or GPU runs it natively, else fp32; or bf16, fp32",
+    "--port": "TCP port (default 8000)",
+    "--output-size": "overlays and masks at each input image's size (default) or at the model's input size",
+    "--models": "comma-separated models to run (default: all)",
+    "--model": "destseg (default), stfpm or tesd",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="destseg", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"destseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for name, (help_text, arguments, action) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         arguments(p)
+        for flag in p._actions:
+            if flag.help is None and flag.option_strings:
+                flag.help = COMMON_HELP.get(flag.option_strings[0])
         p.set_defaults(func=action)
     return parser
 

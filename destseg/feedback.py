@@ -8,9 +8,11 @@ images' calibration scores (RUN/calibration.json) plus the false alarms, scored 
 the thresholds replaced stay in RUN/thresholds-history/. Missed defects cannot move a good-image threshold:
 they are counted, and the new thresholds say how many of them they would catch.
 
-The false alarms are good images chosen because they scored high, so adding them raises the thresholds more
-than as many random good images would: the false-positive bound stays valid (it only gets more conservative)
-and the miss rate can grow; ``destseg recalibrate`` prints the thresholds before and after.
+The false alarms are good images the thresholds in force called defects when they were marked: an image they
+call OK is refused as a false alarm (:func:`check_false_alarm`; the entry keeps the threshold it was checked
+against). They scored above the threshold, so adding them can only raise it: the false-positive bound stays
+valid (it only gets more conservative) and the miss rate can grow; ``destseg recalibrate`` prints the
+thresholds before and after.
 """
 
 from __future__ import annotations
@@ -50,12 +52,30 @@ def read_feedback(run_dir) -> list[dict]:
     return entries
 
 
+def check_false_alarm(score: float | None, thresholds: dict | None, name: str = "the image") -> None:
+    """A false alarm is a good image the thresholds in force called a defect: refuse one they called OK (or whose
+    score is not known), with the reason. Marks on OK images would pull the refitted threshold down, below what
+    its false-positive bound promises."""
+    threshold = (thresholds or {}).get("image")
+    if score is None:
+        raise DestsegError(f"{name}: a false alarm needs the image's score under the thresholds in force "
+                           "(add_feedback(..., score=detector.predict(image).score))")
+    if threshold is not None and score < threshold:
+        raise DestsegError(f"{name}: not a false alarm: the thresholds in force call it OK (score {score:.4g} < "
+                           f"threshold {threshold:.4g}); only an image called a defect can be marked as a false "
+                           "alarm (marking OK images would lower the threshold below its stated bound)")
+
+
 def add_feedback(run_dir, image, kind: str, name: str = "", score: float | None = None) -> dict:
     """Keep ``image`` (PIL image, uint8 array or path) in the run as ``kind``; returns its entry. An image
-    already marked with the same kind is not added again (``entry["new"]`` is False)."""
+    already marked with the same kind is not added again (``entry["new"]`` is False). A false alarm needs its
+    ``score``, at or above the image threshold in force (:func:`check_false_alarm`)."""
     if kind not in KINDS:
         raise DestsegError(f"feedback kind must be one of {', '.join(KINDS)} (got {kind!r})")
     run = Run(run_dir)
+    in_force = run.thresholds() or {}
+    if kind == "false_alarm":
+        check_false_alarm(score, in_force, name or (str(image) if isinstance(image, (str, Path)) else "the image"))
     if isinstance(image, (str, Path)):
         from destseg.data.images import read_rgb
 
@@ -72,7 +92,8 @@ def add_feedback(run_dir, image, kind: str, name: str = "", score: float | None 
             return {**entry, "new": False}
     rel = f"{kind}/{digest}.png"
     atomic_write(_dir(run) / rel, lambda f: f.write(data))
-    entry = {"id": digest, "kind": kind, "image": rel, "name": name, "score": score, "time": utc_now()}
+    entry = {"id": digest, "kind": kind, "image": rel, "name": name, "score": score,
+             "threshold": in_force.get("image"), "time": utc_now()}
     _append_line(_dir(run) / "feedback.jsonl", json.dumps(entry))
     return {**entry, "new": True}
 

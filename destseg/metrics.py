@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC "Metrics"), exact (no binning) and correct with ties.
+"""Evaluation metrics (docs/REFERENCE.md, "Metrics"), exact (no binning) and correct with ties.
 
 All functions take numpy arrays: ``maps`` (N, H, W) float, ``masks`` (N, H, W) 0/1, ``labels`` (N,) 0/1,
 ``scores`` (N,). Thresholds are the distinct predicted values; tied values form one curve point.
@@ -253,7 +253,7 @@ def instance_scores(maps: np.ndarray, masks: np.ndarray, ratio: float = 0.5,
 
 def instance_average_precision(maps: np.ndarray, masks: np.ndarray, recall_level: float = 0.9,
                                ranking: Ranking | None = None):
-    """(IAP, IAP@recall_level) as in the SPEC.
+    """(IAP, IAP@recall_level) as in docs/REFERENCE.md.
 
     Instance scores ascending s_0..s_{N-1}; at s_i recall = 1 - i/N and precision is the share of pixels
     with map >= s_i that lie inside the GT. Precision is made monotone (p_{i+1} = max(p_{i+1}, p_i)).
@@ -292,7 +292,7 @@ def top_k_scores(maps: np.ndarray, k: int = 100) -> np.ndarray:
 
 
 def evaluate(maps, masks, labels, scores=None, ranking: Ranking | None = None, device=None) -> dict[str, float]:
-    """All six SPEC metrics; ``scores`` default to the top-100 mean of each map. ``ranking``: the maps'
+    """All six metrics (docs/REFERENCE.md); ``scores`` default to the top-100 mean of each map. ``ranking``: the maps'
     :func:`pixel_ranking`, when the caller needs it too (it is the costly part); else it is computed, on
     the torch ``device`` if one is given."""
     maps, masks = _check_maps(maps, masks)

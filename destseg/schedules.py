@@ -1,6 +1,6 @@
 """Training schedules: the paper's (each model config's defaults), the model's own named schedules (``cpu``;
-DeSTSeg's ``cpu-paper-widths`` and ``fast``), ``auto`` (cpu on a CPU, paper on a GPU), or a JSON file
-``{model: {config field: value}}``.
+DeSTSeg's ``cpu-wide``), ``auto`` (cpu on a CPU, paper on a GPU), or a JSON file ``{model: {config field: value}}``.
+Earlier names are aliases (``fast`` = ``cpu``, ``cpu-paper-widths`` = ``cpu-wide``).
 
 A schedule maps to config overrides; explicit command-line flags override it. ``--time-budget``
 (TrainOptions.time_budget_s) can cap any schedule by wall time.
@@ -15,21 +15,24 @@ from pathlib import Path
 from destseg.errors import DestsegError
 from destseg.models import model_class
 
-SCHEDULE_NAMES = ("auto", "paper", "cpu", "fast", "cpu-paper-widths")
+SCHEDULE_NAMES = ("auto", "paper", "cpu", "cpu-wide")
+ALIASES = {"fast": "cpu", "cpu-paper-widths": "cpu-wide"}  # earlier names, still accepted
 
 
 def resolve_schedule_name(name: str, device_type: str) -> str:
-    """``auto``: the cpu schedule on a CPU, the paper's on a GPU; any other name as it is."""
+    """``auto``: the cpu schedule on a CPU, the paper's on a GPU; an earlier name as its current one; any other
+    name as it is."""
     if name == "auto":
         return "cpu" if device_type == "cpu" else "paper"
-    return name
+    return ALIASES.get(name, name)
 
 
 def schedule_overrides(name: str, model: str, n_train: int) -> tuple[dict, str]:
     """(config overrides for ``model``, a one-line description) of the schedule ``name``: ``paper``,
     ``cpu`` or a JSON file ``{model: {config field: value}}``; ``n_train``: the images that train."""
+    name = ALIASES.get(name, name)
     if name == "paper":
-        return {}, "paper (SPEC) schedule"
+        return {}, "the paper's schedule"
     if name in SCHEDULE_NAMES[2:]:
         schedules = model_class(model).schedules
         if name in schedules:
@@ -37,7 +40,7 @@ def schedule_overrides(name: str, model: str, n_train: int) -> tuple[dict, str]:
         if "cpu" in schedules:  # the other names fall back to cpu
             overrides, words = schedules["cpu"](n_train)
             return overrides, f"{words} (model '{model}' has no {name} schedule)"
-        return {}, f"paper (SPEC) schedule (model '{model}' has no {name} schedule)"
+        return {}, f"the paper's schedule (model '{model}' has no {name} schedule)"
     path = Path(name)
     if path.suffix == ".json" and path.is_file():
         try:

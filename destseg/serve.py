@@ -257,8 +257,14 @@ class _Service:
             except ImageError as exc:
                 return _error(400, str(exc))
             name, score = upload[1], None
-        entry = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: add_feedback(self.detector.run.path, image, kind, name, score))
+            if kind == "false_alarm":  # scored by the model in use, on its thread
+                score = (await asyncio.wrap_future(self.batcher.executor.submit(
+                    self.detector.predict_batch, [image])))[0].score
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: add_feedback(self.detector.run.path, image, kind, name, score))
+        except DestsegError as exc:  # a false alarm on an image the thresholds in force call OK
+            return _error(409, str(exc))
         return entry
 
     async def recalibrate(self):

@@ -45,7 +45,7 @@ class TrainOptions:
     precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp32
     num_workers: int = -1  # -1: chosen from the CPU count
     texture_dir: str | None = None  # anomaly sources; None: built-in generator
-    rotation: str | None = None  # none | small | rot90; None: the category's SPEC default
+    rotation: str | None = None  # none | small | rot90; None: the category's default from the paper
     anomaly_color: str = "auto"  # rgb | gray (luminance of the textures); auto: gray for grayscale training images
     checkpoint_every: int = 200  # steps
     checkpoint_minutes: float = 10.0  # also after this much wall time since the last one (single process); 0: off
@@ -156,7 +156,7 @@ def resolve_anomaly_color(choice: str, images_u8) -> tuple[bool, str]:
 
 
 def resolve_rotation(category: str, config, options: TrainOptions) -> tuple[str, str]:
-    """(rotation, why): the --rotation flag, else the category's SPEC setting (none for a model whose
+    """(rotation, why): the --rotation flag, else the category's setting from the paper (none for a model whose
     references do not augment, ``category_rotation=False``), else none for a category the library does not know."""
     if options.rotation:
         return options.rotation, "--rotation"

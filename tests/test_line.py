@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from destseg.errors import DestsegError
 from destseg.drift import DriftMonitor
 from destseg.feedback import add_feedback, read_feedback, recalibrate
 from destseg.infer import Detector
@@ -254,7 +255,11 @@ def test_feedback_recalibrates_and_keeps_the_thresholds_it_replaces(line_run, tm
     assert det.predict(img).is_defect
     entry = add_feedback(run, img, "false_alarm", "cam/001.png", score=max(scores))
     assert entry["new"] and (run / "feedback" / entry["image"]).is_file()
-    assert not add_feedback(run, img, "false_alarm")["new"]  # marked twice: kept once
+    assert not add_feedback(run, img, "false_alarm", score=max(scores))["new"]  # marked twice: kept once
+    with pytest.raises(DestsegError, match="not a false alarm: the thresholds in force call it OK"):
+        add_feedback(run, img, "false_alarm", score=lowered["image"] - 0.5)  # an image called OK: refused
+    with pytest.raises(DestsegError, match="needs the image's score"):
+        add_feedback(run, img, "false_alarm")
     add_feedback(run, good_images(1, seed=99)[0], "missed_defect", "cam/002.png")
     assert [e["kind"] for e in read_feedback(run)] == ["false_alarm", "missed_defect"]
     result = recalibrate(det)
@@ -277,9 +282,16 @@ def test_feedback_cli_marks_files_and_refuses_missing_ones(line_run, tmp_path):
     shutil.copytree(line_run, run)
     f = tmp_path / "a.png"
     Image.fromarray(good_images(1, seed=5)[0]).save(f)
-    r = subprocess.run([sys.executable, "-m", "destseg", "feedback", "--run", str(run), "--false-alarm", str(f),
-                        "--device", "cpu"], env=ENV, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "destseg", "feedback", "--run", str(run), "--false-alarm", str(f), "--device", "cpu"]
+    thresholds = json.loads((run / "thresholds.json").read_text())
+    (run / "thresholds.json").write_text(json.dumps({**thresholds, "image": 1e9}))  # every image is OK
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and "refused" in r.stderr and "not a false alarm" in r.stderr, r.stderr
+    assert read_feedback(run) == []
+    (run / "thresholds.json").write_text(json.dumps({**thresholds, "image": -1e9}))  # every image is a defect
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0 and "false alarm" in r.stdout, r.stderr
+    assert read_feedback(run)[0]["threshold"] == -1e9
     r = subprocess.run([sys.executable, "-m", "destseg", "feedback", "--run", str(run), "--missed-defect",
                         str(tmp_path / "none.png")], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "none.png: no such file" in r.stderr

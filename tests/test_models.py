@@ -105,7 +105,7 @@ def test_ablation_switches():
 
 @pytest.mark.parametrize("size", [(16, 16), (5, 9), (1, 2)])
 def test_aspp_closed_form_pool_branch_equals_the_broadcast_convolution(size):
-    """SPEC: the ASPP fuses the concatenation of its four branches with a 3x3 conv. The pooled branch's
+    """The paper: the ASPP fuses the concatenation of its four branches with a 3x3 conv. The pooled branch's
     share is computed in closed form; it must equal convolving the broadcast map (forward and gradients),
     at the border, on non-square and on maps smaller than the kernel."""
     from destseg.models.common import ASPP, cat_channels

@@ -12,7 +12,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def spec_loss64(logits, target, gamma=4.0):
-    """The SPEC's definition on the probability, in float64: focal (no alpha) + L1, means over pixels."""
+    """The paper's definition on the probability, in float64: focal (no alpha) + L1, means over pixels."""
     p = torch.sigmoid(logits.double())
     y = target.double()
     p_t = p * y + (1 - p) * (1 - y)

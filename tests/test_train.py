@@ -242,18 +242,19 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
     assert cpu_steps(54) == (300, 150) and cpu_steps(700) == (2010, 1005) and cpu_steps(10_000) == (2400, 1200)
     # the segmentation stage at batch 8: twice the steps, as many images seen; its bounds scale alike
     assert cpu_steps(209, segmentation_batch=8) == (600, 600) and cpu_steps(54, (300, 1200), 8) == (300, 600)
-    wide, words = schedule_overrides("cpu-paper-widths", "destseg", 54)
+    wide, words = schedule_overrides("cpu-wide", "destseg", 54)
+    assert schedule_overrides("cpu-paper-widths", "destseg", 54) == (wide, words)  # its earlier name
     assert wide == {"teacher": "efficientnet_lite0", "batch_size": 16, "student_steps": 300, "steps": 450} \
         and "54 training images" in words
     # cpu: the narrow segmentation network sees at least 300 batches of 16 images (150 let a metal_plate seed
-    # collapse), in steps of 8; fast is its former name
+    # collapse), in steps of 8; fast is its earlier name
     narrow, words = schedule_overrides("cpu", "destseg", 54)
     assert narrow == {**wide, "steps": 900, "student_width": 32, "seg_width": 48, "lr_res": 0.2, "lr_head": 0.02,
                       "seg_lr_decay": "cosine", "seg_batch_size": 8} and "600 segmentation" in words
     assert schedule_overrides("fast", "destseg", 54) == (narrow, words)
     assert schedule_overrides("cpu", "destseg", 209)[0]["steps"] == 1200  # bottle: as measured
-    fast_stfpm, words = schedule_overrides("fast", "stfpm", 54)  # no fast schedule: its cpu one, said so
-    assert fast_stfpm == schedule_overrides("cpu", "stfpm", 54)[0] and "no fast schedule" in words
+    wide_stfpm, words = schedule_overrides("cpu-wide", "stfpm", 54)  # no cpu-wide schedule: its cpu one, said so
+    assert wide_stfpm == schedule_overrides("cpu", "stfpm", 54)[0] and "no cpu-wide schedule" in words
     assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("2") == 120
     for bad in ("0", "-3m", "abc", "", "inf"):
         with pytest.raises(DestsegError, match="--time-budget"):

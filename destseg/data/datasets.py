@@ -21,7 +21,7 @@ from destseg.data.images import (
 )
 from destseg.errors import DatasetError, ImageError
 
-# SPEC: per-category train-time rotation applied to the clean image before synthesis.
+# The paper's per-category train-time rotation applied to the clean image before synthesis.
 CATEGORY_ROTATION = {
     **dict.fromkeys(["capsule", "metal_nut", "pill", "toothbrush", "transistor"], "none"),
     **dict.fromkeys(["wood", "zipper", "cable"], "small"),
@@ -358,7 +358,7 @@ def train_color(gray_flags: list[bool]) -> str:
 
 
 class TestDataset(torch.utils.data.Dataset):
-    """Test images with labels and ground-truth masks at ``size`` (SPEC rule), loaded lazily."""
+    """Test images with labels and ground-truth masks at ``size`` (the rule in docs/REFERENCE.md), loaded lazily."""
 
     def __init__(self, samples: list[TestSample], size, normalize: Normalize):
         self.samples, self.size, self.normalize = list(samples), size, normalize

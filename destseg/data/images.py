@@ -165,7 +165,7 @@ def resize_rgb(img: Image.Image, size) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size) -> np.ndarray:
-    """The SPEC's ground-truth rule: bilinear (antialiased) resize of the 0/1 mask, then >= 0.5."""
+    """The paper's ground-truth rule: bilinear (antialiased) resize of the 0/1 mask, then >= 0.5."""
     h, w = hw(size)
     if mask.shape == (h, w):
         return mask.astype(bool)

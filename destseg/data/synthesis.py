@@ -1,4 +1,4 @@
-"""Synthetic anomalies for training (SPEC "Synthetic anomalies"): Perlin masks + texture blending.
+"""Synthetic anomalies for training (docs/REFERENCE.md, "Synthetic anomalies"): Perlin masks + texture blending.
 
 All randomness comes from the ``numpy.random.Generator`` passed in, so a sample is a pure function of its
 seed.
@@ -58,7 +58,7 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
 
 
 def perlin_mask(size, rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
-    """SPEC step 1: scale 2^tx x 2^ty (tx, ty in [0, 5]), rotated by U(-90, 90), thresholded. May be empty.
+    """docs/REFERENCE.md, step 1: scale 2^tx x 2^ty (tx, ty in [0, 5]), rotated by U(-90, 90), thresholded. May be empty.
     ``size``: S or (H, W); a non-square noise map is rotated within its own frame."""
     tx, ty = int(rng.integers(0, 6)), int(rng.integers(0, 6))
     noise = perlin_noise(hw(size), (2**ty, 2**tx), rng)
@@ -125,7 +125,7 @@ class GeneratedTextures:
 
 
 class AnomalySynthesizer:
-    """I_aug = I*(1-M) + (1-b)*A*M + b*I*M with b ~ U(0, max_beta) (SPEC step 3), images in [0, 1].
+    """I_aug = I*(1-M) + (1-b)*A*M + b*I*M with b ~ U(0, max_beta) (docs/REFERENCE.md, step 3), images in [0, 1].
 
     ``gray``: the anomaly source A is turned into its luminance first, for grayscale training images: a
     coloured texture on a grayscale product is an anomaly told apart by colour alone, a cue that no real

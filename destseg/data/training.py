@@ -1,4 +1,4 @@
-"""The training data: cached resized images with the SPEC's per-category rotation and anomaly synthesis,
+"""The training data: cached resized images with the paper's per-category rotation and anomaly synthesis,
 addressed by seeded samples from a step sampler so that batches are reproducible for any number of workers
 and after a resume."""
 

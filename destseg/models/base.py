@@ -62,7 +62,7 @@ class ModelConfig:
     batch_size: int = option(32, "images per training step (global under torchrun)", lambda v: v >= 1, "at least 1")
     momentum: float = option(0.9, "SGD momentum", lambda v: 0 <= v < 1, "in [0, 1)", flag=None)
     weight_decay: float = option(1e-4, "SGD weight decay", lambda v: v >= 0, "0 or more")
-    category_rotation: bool = option(True, "train with the category's SPEC rotation augmentation", flag=None)
+    category_rotation: bool = option(True, "train with the category's rotation (the paper's) augmentation", flag=None)
 
     @property
     def validation_share(self) -> float:

@@ -66,12 +66,12 @@ def cosine_distance_maps(t: list[torch.Tensor], s: list[torch.Tensor]) -> list[t
 
 
 def cosine_loss(t: list[torch.Tensor], s: list[torch.Tensor]) -> torch.Tensor:
-    """SPEC stage-1 loss: sum over scales of the per-image spatial mean, summed over the batch."""
+    """The paper's stage-1 loss: sum over scales of the per-image spatial mean, summed over the batch."""
     return sum(a.mean(dim=(1, 2, 3)).sum() for a in cosine_distance_maps(t, s))
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
-    """SPEC stage-2 loss, focal (gamma, no alpha, mean over pixels) + L1 (mean), of p = sigmoid(logits)
+    """The paper's stage-2 loss, focal (gamma, no alpha, mean over pixels) + L1 (mean), of p = sigmoid(logits)
     against a binary target, computed from the logits in fp32 with autocast off.
 
     Written with log-sigmoids so that it equals -log(p_t) (1 - p_t)^gamma + |p - y| wherever p is
@@ -191,7 +191,7 @@ def _positive(v) -> bool:
 
 @dataclass
 class SegmentationGuidedConfig(ModelConfig):
-    """The fields DeSTSeg and TESD share; SPEC "DeSTSeg model" values as defaults."""
+    """The fields DeSTSeg and TESD share; docs/REFERENCE.md, "DeSTSeg model" values as defaults."""
 
     steps: int = option(5000, "total steps, both stages (checked against --student-steps)")
     student_steps: int = option(1000, "steps of stage 1 (the student)", lambda v: v >= 1, "at least 1")
@@ -271,7 +271,7 @@ def cpu_schedule(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMEN
 
 
 class SegmentationGuidedModel(AnomalyModel):
-    """Teacher + denoising student + segmentation network, trained in two stages (SPEC "DeSTSeg").
+    """Teacher + denoising student + segmentation network, trained in two stages (docs/REFERENCE.md, "DeSTSeg").
 
     Subclasses define ``student`` (how student features are computed) and may override
     ``segmentation_input``. Training: stage ``student`` fits the student on corrupted images to the

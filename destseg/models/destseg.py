@@ -28,7 +28,7 @@ def narrow_cpu_schedule(n_train: int) -> tuple[dict, str]:
 
 @dataclass
 class DeSTSegConfig(SegmentationGuidedConfig):
-    """Paper values (SPEC "DeSTSeg model") as defaults, with the Table 4 ablations (denoising input,
+    """Paper values (docs/REFERENCE.md, "DeSTSeg model") as defaults, with the Table 4 ablations (denoising input,
     encoder-decoder student, segmentation network)."""
 
     student_width: int = option(64, "channels of the student encoder's first stage (the paper: 64, ResNet18's; "
@@ -62,18 +62,13 @@ class DeSTSeg(SegmentationGuidedModel):
     published = {"source": "DeSTSeg paper, ResNet18, MVTec mean", "i_auroc": 0.986, "p_auroc": 0.979,
                  "p_ap": 0.758, "iap": 0.764}
     # cpu (the default on a CPU): a student encoder of 32 channels and a segmentation network of 48 (the paper's
-    # 64 and 256): 11x less inference arithmetic. Its segmentation stage sees at least 300 x 16 images (at the
-    # paper widths' 150 x 16, one metal_plate seed in six collapsed), in steps of 8 images, from twice the paper's
-    # rates decayed to 0 (cosine). Each was measured seed-paired against the step before it; together they are
-    # within one paper-width sd of the paper widths on every bottle and metal_plate metric over 3 seeds
-    # (docs/RESULTS.md, "DeSTSeg on the CPUs people have"; 48 replaced 64 in session 22). cpu-paper-widths:
-    # the paper's widths and stage-2 rates at the same step counts, the cpu schedule before 2026-12-01; fast:
-    # the cpu schedule's former name.
-    schedules = {"cpu": narrow_cpu_schedule, "fast": narrow_cpu_schedule, "cpu-paper-widths": cpu_schedule}
-    # int8 (OpenVINO + NNCF) matched fp32 within 0.8 on every metric's mean over 6 seeds each of bottle and
-    # metal_plate at (32, 64), within 0.35 at (32, 48) over 3 each but IAP@90 (-1.6 and -0.8), I-AUROC within 0.2
-    # on every seed, and within 0.3 on 4 paper-width runs but one IAP@90 (docs/RESULTS.md, "int8" and "A
-    # segmentation network of 48")
+    # 64 and 256): 11x less inference arithmetic. Its segmentation stage sees at least 300 x 16 images in steps
+    # of 8, from twice the paper's rates decayed to 0 (cosine). Over 3 seeds each it is within one sd of the
+    # paper widths on every bottle and metal_plate metric (docs/RESULTS.md). cpu-wide: the paper's widths and
+    # stage-2 rates at the cpu schedule's step counts.
+    schedules = {"cpu": narrow_cpu_schedule, "cpu-wide": cpu_schedule}
+    # int8 (OpenVINO + NNCF) matches fp32 within 0.35 on every metric's mean at (32, 48) over 3 seeds each of
+    # bottle and metal_plate but IAP@90 (-1.6 and -0.8), I-AUROC within 0.2 on every seed (docs/RESULTS.md)
     int8_by_default = True
 
     def __init__(self, config: DeSTSegConfig, teacher_weights=None, pretrained: bool = True):

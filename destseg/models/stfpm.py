@@ -18,7 +18,7 @@ from destseg.models.common import CPU_TEACHER, l2_normalize, resize
 
 @dataclass
 class STFPMConfig(ModelConfig):
-    """SPEC "STFPM baseline" values as defaults."""
+    """docs/REFERENCE.md, "STFPM baseline" values as defaults."""
 
     epochs: int = option(100, "training epochs", lambda v: v >= 1, "at least 1")
     lr: float = option(0.4, "learning rate", lambda v: v > 0 and v == v, "positive")
@@ -29,7 +29,7 @@ class STFPMConfig(ModelConfig):
     batch_reduction: str = option("mean", "loss over the batch: mean (official code) or 0.5 x sum (anomalib)",
                                   lambda v: v in ("mean", "sum"), "mean or sum", choices=["mean", "sum"])
     # Neither the official code nor anomalib augments STFPM.
-    category_rotation: bool = option(False, "train with the category's SPEC rotation augmentation", flag=None)
+    category_rotation: bool = option(False, "train with the category's rotation (the paper's) augmentation", flag=None)
 
     @property
     def validation_share(self) -> float:
