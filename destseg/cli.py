@@ -291,7 +291,7 @@ def cmd_feedback(args) -> int:
     refused = 0
     for f, kind in marks:
         try:
-            entry = add_feedback(args.run, f, kind, score=det.predict(f).score)
+            entry = add_feedback(args.run, f, kind, score=det.predict(f).score, in_force=det.thresholds)
         except DestsegError as exc:
             print(f"destseg: refused: {exc}", file=sys.stderr)
             refused += 1
@@ -316,9 +316,11 @@ def cmd_recalibrate(args) -> int:
     def fmt(v):
         return "none" if v is None else f"{v:.4g}"
 
+    bound = ("no false-positive bound: its good images were seen in training" if after["fpr_bound"] is None
+             else f"false-positive rate at most {after['fpr_bound']:.3g}")
     print(f"image threshold {fmt(before.get('image'))} -> {fmt(after['image'])}, pixel threshold "
-          f"{fmt(before.get('pixel'))} -> {fmt(after['pixel'])} (false-positive rate at most "
-          f"{after['fpr_bound']:.3g}; {r['n_calibration']} calibration images + {r['n_false_alarms']} false alarms)")
+          f"{fmt(before.get('pixel'))} -> {fmt(after['pixel'])} ({bound}; {r['n_calibration']} calibration images "
+          f"+ {r['n_false_alarms']} false alarms)")
     if r["n_missed_defects"]:
         print(f"{r['missed_caught']} of {r['n_missed_defects']} missed defects marked so far score above the new "
               "image threshold (good-image thresholds cannot be set from defects)")
@@ -471,7 +473,7 @@ def _train_parser(p) -> None:
                         "(batched tensor operations on the training device), auto: device on CUDA, else cpu")
     p.add_argument("--threshold-holdout", type=float, default=0.1,
                    help="share of the training images kept aside to set the decision threshold from good "
-                        "images (default 0.1; a model with validation images of its own uses those; 0: "
+                        "images (default 0.1; a model with validation images of its own, STFPM, uses half of those; 0: "
                         "score the training images)")
     p.add_argument("--threshold-fpr", type=float, default=0.01,
                    help="false-positive rate that threshold guarantees on good images (default 0.01; split "

@@ -29,6 +29,7 @@ from PIL import Image
 from destseg.checkpoint import atomic_write
 from destseg.errors import DestsegError
 from destseg.run import Run
+from destseg.scoring import score_files
 from destseg.thresholds import good_image_thresholds, utc_now
 
 KINDS = ("false_alarm", "missed_defect")
@@ -66,14 +67,16 @@ def check_false_alarm(score: float | None, thresholds: dict | None, name: str = 
                            "alarm (marking OK images would lower the threshold below its stated bound)")
 
 
-def add_feedback(run_dir, image, kind: str, name: str = "", score: float | None = None) -> dict:
+def add_feedback(run_dir, image, kind: str, name: str = "", score: float | None = None,
+                 in_force: dict | None = None) -> dict:
     """Keep ``image`` (PIL image, uint8 array or path) in the run as ``kind``; returns its entry. An image
     already marked with the same kind is not added again (``entry["new"]`` is False). A false alarm needs its
-    ``score``, at or above the image threshold in force (:func:`check_false_alarm`)."""
+    ``score``, at or above the image threshold in force (``in_force``: the thresholds of the engine that scored
+    it; default: the run's thresholds.json; :func:`check_false_alarm`)."""
     if kind not in KINDS:
         raise DestsegError(f"feedback kind must be one of {', '.join(KINDS)} (got {kind!r})")
     run = Run(run_dir)
-    in_force = run.thresholds() or {}
+    in_force = (in_force if in_force is not None else run.thresholds()) or {}
     if kind == "false_alarm":
         check_false_alarm(score, in_force, name or (str(image) if isinstance(image, (str, Path)) else "the image"))
     if isinstance(image, (str, Path)):
@@ -136,11 +139,11 @@ def recalibrate(detector, fpr: float | None = None, predict=None, batch: int = 1
     fpr = fpr if fpr is not None else (before.get("fpr_target") or (before.get("good_images") or {}).get(
         "fpr_target") or 0.01)
     entries = read_feedback(run.path)
-    scored = {kind: _score(predict, [_dir(run) / e["image"] for e in entries if e["kind"] == kind], batch)
+    scored = {kind: score_files(predict, [_dir(run) / e["image"] for e in entries if e["kind"] == kind], batch)
               for kind in KINDS}
     files = [Path(f) for f in calibration["files"]]
     if files and all(f.is_file() for f in files):  # scored again by the model in use, as the feedback images
-        cal_scores, cal_peaks = _score(predict, files, batch)
+        cal_scores, cal_peaks = score_files(predict, files, batch)
         what = calibration["what"]
     else:
         cal_scores, cal_peaks = np.asarray(calibration["scores"]), np.asarray(calibration["peaks"])
@@ -149,25 +152,17 @@ def recalibrate(detector, fpr: float | None = None, predict=None, batch: int = 1
     peaks = np.concatenate([cal_peaks, scored["false_alarm"][1]])
     n_fa = len(scored["false_alarm"][0])
     what += f" and {n_fa} false alarms marked by a person" if n_fa else ""
-    after = good_image_thresholds(scores, peaks, fpr, what)
+    unseen = calibration.get("unseen", "seen in training" not in calibration["what"])
+    after = good_image_thresholds(scores, peaks, fpr, what, unseen)
     after["feedback"] = {"false_alarms": n_fa, "missed_defects": len(scored["missed_defect"][0])}
+    after["engine"] = detector.engine  # every score above is this engine's
     after = run.write_thresholds(after)
     detector.thresholds = after
+    if detector.engine and files and all(f.is_file() for f in files):  # its calibration scores, for drift
+        from destseg.engine_thresholds import keep
+
+        detector.calibration = keep(run, detector.engine, after, calibration["what"], calibration.get("unseen", True),
+                                    files, cal_scores, cal_peaks)
     missed = scored["missed_defect"][0]
     return {"before": before, "after": after, "n_calibration": len(calibration["scores"]), "n_false_alarms": n_fa,
             "n_missed_defects": len(missed), "missed_caught": int((missed >= after["image"]).sum())}
-
-
-def _score(predict, paths: list[Path], batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores, largest map values) of images, by the model in use (``predict``), ``batch`` at a time."""
-    if not paths:
-        return np.zeros(0), np.zeros(0)
-    from destseg.data.images import read_rgb
-
-    scores, peaks = [], []
-    for i in range(0, len(paths), batch):
-        images = [read_rgb(p) for p in paths[i:i + batch]]
-        for p in predict(images):
-            scores.append(p.score)
-            peaks.append(float(p.map.max()))
-    return np.asarray(scores), np.asarray(peaks)

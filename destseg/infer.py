@@ -23,7 +23,7 @@ from destseg.models import ModelConfig
 from destseg.models.backbones import backbone_spec
 from destseg.run import Run, training_summary
 from destseg.scoring import TestOutputs, run_test_split
-from destseg.thresholds import good_image_thresholds, in_force, record_measured, utc_now
+from destseg.thresholds import decide, good_image_thresholds, in_force, record_measured, utc_now
 
 __all__ = ["Detector", "InferenceModel", "Prediction", "TestOutputs", "evaluate_run", "load_inference",
            "metrics_table"]
@@ -42,6 +42,11 @@ class InferenceModel:
     precision: str  # in words: fp32, bf16, openvino f32...
     ckpt: dict  # the checkpoint (model_state dropped)
     backend: str  # the engine that runs it: torch or openvino
+
+    @property
+    def engine(self) -> str:
+        """The engine that scores, in words: "openvino int8", "openvino fp32", "torch bf16"..."""
+        return self.precision.replace("f32", "fp32") if self.backend == "openvino" else f"torch {self.precision}"
 
     @property
     def map_outputs(self) -> dict[str, tuple[str, str]]:
@@ -158,7 +163,10 @@ def evaluate_run(run_dir: Path | str, data=None, device: str = "auto",
               "backend": inf.backend, "precision": inf.precision, "device": str(inf.device),
               "images_per_s": len(dataset) / max(wall, 1e-9),  # end to end: reading, decoding, resizing too
               "model_images_per_s": len(dataset) / max(out.seconds, 1e-9)}
-    stored = run.thresholds()
+    scorer = Detector(inf.model, inf.config, None, inf.device, inf.dtype, inf.model_name, run, inf.engine)
+    scorer.reload_thresholds()  # the thresholds in force as this engine scores
+    stored = scorer.thresholds
+    result["engine"] = inf.engine
     if labels.any() and (~labels).any():
         result.update(image_metrics(out.scores, labels))
         for prefix, (_, scores) in out.extra.items():
@@ -180,21 +188,23 @@ def evaluate_run(run_dir: Path | str, data=None, device: str = "auto",
     stored_image, _ = in_force(stored)
     if stored_image is not None:
         result["decisions"] = decision_rates(out.scores, labels, stored_image)
-    measured["measured"] = utc_now()
-    measured["test_data"] = index.name
+    measured.update(measured=utc_now(), test_data=index.name, engine=inf.engine)
     if adopt_thresholds:
         if labels.any():
             if measured.get("pixel") is None:  # no masks: the pixel threshold in force stays
                 measured["pixel"] = (stored or {}).get("pixel")
             thresholds = run.write_thresholds(measured)
         else:
-            thresholds = run.write_thresholds(run.calibrate([s.path for s in index.test], out.scores, out.maps, fpr,
-                                                            "good test images"))
+            thresholds = run.write_thresholds({**run.calibrate([s.path for s in index.test], out.scores, out.maps,
+                                                               fpr, "good test images"), "engine": inf.engine})
         notes.append("the thresholds measured on this split are now in force (--adopt-thresholds); the ones they "
                      "replaced are in thresholds-history/")
         result["decisions"] = decision_rates(out.scores, labels, thresholds["image"])
-    else:
-        thresholds = record_measured(run.path, measured) if stored is not None else run.write_thresholds(measured)
+    elif stored is not None:  # in force as they were (this engine's), the split's suggestion recorded beside
+        record_measured(run.path, measured)
+        thresholds = {**stored, "measured_on_test": measured}
+    else:  # a run without thresholds: the only ones there are
+        thresholds = run.write_thresholds(measured)
     result["thresholds"] = thresholds
     result["thresholds_measured"] = measured
     if notes:
@@ -358,9 +368,10 @@ class Detector:
     """A trained run, ready to predict: ``Detector.load(run_dir).predict(image)``."""
 
     def __init__(self, model, config: ModelConfig, thresholds: dict | None, device, dtype, model_name: str = "",
-                 run: Run | None = None):
+                 run: Run | None = None, engine: str = ""):
         self.model, self.config, self.thresholds, self.model_name = model, config, thresholds, model_name
-        self.device, self.dtype, self.run = device, dtype, run
+        self.device, self.dtype, self.run, self.engine = device, dtype, run, engine
+        self.calibration: dict | None = None  # the calibration images' scores by this engine (the drift reference)
         self.normalize = backbone_spec(config.teacher).normalize
 
     @classmethod
@@ -373,7 +384,17 @@ class Detector:
         inf = load_inference(run_dir, device, precision, backend, compile)
         for warning in run_warnings(inf.run):  # once per load: predict, serve and watch load once
             warnings.warn(warning, stacklevel=2)
-        return cls(inf.model, inf.config, inf.run.thresholds(), inf.device, inf.dtype, inf.model_name, inf.run)
+        det = cls(inf.model, inf.config, None, inf.device, inf.dtype, inf.model_name, inf.run, inf.engine)
+        det.reload_thresholds()
+        return det
+
+    def reload_thresholds(self) -> None:
+        """The run's thresholds in force and calibration scores, as this detector's engine scores them
+        (:mod:`destseg.engine_thresholds`)."""
+        from destseg.engine_thresholds import for_engine
+
+        if self.run is not None:
+            self.thresholds, self.calibration = for_engine(self.run, self.engine, self.predict_batch)
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images or uint8 arrays (H, W, 3) / (H, W) -> normalised batch (N, 3, H', W') at the run's size."""
@@ -395,7 +416,7 @@ class Detector:
         maps = out["map"].float().cpu().numpy()
         scores = out["score"].float().cpu().numpy()
         thr, _ = in_force(self.thresholds, threshold)
-        return [Prediction(float(s), m, None if thr is None else bool(s >= thr)) for s, m in zip(scores, maps)]
+        return [Prediction(float(s), m, decide(s, thr)) for s, m in zip(scores, maps)]
 
     def predict(self, image, threshold: float | None = None) -> Prediction:
         """One PIL image, numpy array or path."""

@@ -65,6 +65,25 @@ def stage_records(stages, ckpt: dict | None) -> dict[str, dict]:
     return records
 
 
+ELAPSED_EVERY_S = 30.0  # train.log gets the elapsed time at least this often (a line per --log-every steps too)
+
+
+def logged_elapsed(path) -> float:
+    """The last elapsed time (``time_s``) train.log recorded, 0 without one."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return 0.0
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if "time_s" in entry:
+            return float(entry["time_s"])
+    return 0.0
+
+
 class Loop:
     """The step loop over a model's stages, and the state a checkpoint keeps between steps: the position in
     the plan (``step``: a stage cut short by the time budget jumps to the next stage's first step), the steps
@@ -78,7 +97,11 @@ class Loop:
         self.step = ckpt["step"] if ckpt else 0
         self.best = ckpt.get("best") if ckpt else None
         self.records: dict[str, dict] = {}
-        self.t_start = time.time() - (ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)  # resumed: time spent counts
+        # resumed: the time spent counts, up to the last train.log line (a kill -9 loses at most ELAPSED_EVERY_S of
+        # it, where the checkpoint alone would lose up to --checkpoint-minutes)
+        spent = max(ckpt.get("elapsed_s", 0.0), logged_elapsed(run.path / "train.log")) if ckpt else 0.0
+        self.t_start = time.time() - spent
+        self.t_logged = time.time()
         self.t_saved = time.time()  # last checkpoint (or start)
         self.log_file = open(run.path / "train.log", "a") if dist.main else open(os.devnull, "w")
         self.bar = None
@@ -229,6 +252,10 @@ class Loop:
         if log_now:
             self.log({"step": self.step, "stage": stage.name, "loss": value,
                       "time_s": round(time.time() - self.t_start, 2)})
+            self.t_logged = time.time()
+        elif time.time() - self.t_logged >= ELAPSED_EVERY_S:  # the time spent, for a resume after a kill -9
+            self.log({"step": self.step, "stage": stage.name, "time_s": round(time.time() - self.t_start, 2)})
+            self.t_logged = time.time()
         if validate_now:
             value = mean_map(self.model, val_ds, self.device, self.dtype, self.config.batch_size, workers)
             if self.best is None or value < self.best["value"]:

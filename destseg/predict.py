@@ -139,6 +139,7 @@ class _Results:
         self.out, self.pool, self.in_flight, self.dist = out, pool, in_flight, dist
         self.output_size, self.model_hw, self.pixel_thr = output_size, model_hw, pixel_thr
         self.image_thr: float | None = None  # the image threshold that decides every row (set by run_predict)
+        self.engine = ""  # the engine that scores them, e.g. "openvino int8" (set by run_predict)
         self.ignored: list[Path] = []  # files of an input folder that are not images
         self.writes: deque = deque()
         self.skipped: list[dict] = []
@@ -159,8 +160,8 @@ class _Results:
             while len(self.writes) > self.in_flight:
                 self.writes.popleft().result()
         row = {"file": str(path), "score": pred.score, "decision": "defect" if pred.is_defect else "ok",
-               "threshold": self.image_thr, "overlay": str(over_path.relative_to(self.out)), "mask": str(mask_path.relative_to(self.out)),
-               "height": in_hw[0], "width": in_hw[1]}
+               "threshold": self.image_thr, "engine": self.engine, "overlay": str(over_path.relative_to(self.out)),
+               "mask": str(mask_path.relative_to(self.out)), "height": in_hw[0], "width": in_hw[1]}
         self.frows.write(json.dumps({"index": index, "row": row}) + "\n")
         self.n_done += 1
         self.n_defect += bool(pred.is_defect)
@@ -185,7 +186,8 @@ class _Results:
         try:  # each rank's rows are in input order: a streaming merge keeps memory bounded
             with open(csv_tmp, "w", newline="") as fcsv, open(json_tmp, "w") as fjson:
                 writer = csv.writer(fcsv)
-                writer.writerow(["file", "score", "decision", "threshold", "overlay", "mask", "height", "width"])
+                writer.writerow(["file", "score", "decision", "threshold", "engine", "overlay", "mask", "height",
+                                 "width"])
                 fjson.write('{"results": [\n')
                 for e in heapq.merge(*(map(json.loads, f) for f in files), key=lambda e: e["index"]):
                     if "skipped" in e:
@@ -197,7 +199,7 @@ class _Results:
                     self.n_done += 1
                     self.n_defect += row["decision"] == "defect"
                 fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": '
-                            f'{json.dumps(pixel_thr)},\n"skipped": {json.dumps(self.skipped, indent=1)},\n'
+                            f'{json.dumps(pixel_thr)}, "engine": {json.dumps(self.engine)},\n"skipped": {json.dumps(self.skipped, indent=1)},\n'
                             f'"ignored": {json.dumps([str(p) for p in self.ignored], indent=1)}}}\n')
         finally:
             for f in files:
@@ -241,7 +243,7 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     results = _Results(out, None, 4 * batch_size, output_size, hw(det.config.image_size), pixel_thr, dist)
-    results.image_thr = image_thr
+    results.image_thr, results.engine = image_thr, det.engine
     base, paths = iter_inputs(input_spec, results.ignored)
     mine = ((i, p, stem) for i, p, stem in _named(paths, base) if i % dist.world_size == dist.rank)
     size = det.config.image_size

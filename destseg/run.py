@@ -8,6 +8,7 @@ Every inference path (test, predict, serve, export, OpenVINO, the Python API) re
     RUN/train.log        one JSON line per logged step
     RUN/thresholds.json  decision thresholds (destseg.thresholds); RUN/thresholds-history/ the earlier ones
     RUN/calibration.json the good images the thresholds were set on: their scores and largest map values
+    RUN/engines/         the thresholds and calibration scores of each other engine that decides (int8...)
     RUN/feedback/        images a person marked as false alarms or missed defects (destseg.feedback)
     RUN/metrics.json     the metrics of ``destseg test``
     RUN/openvino/        the OpenVINO IR, exported on first use
@@ -35,7 +36,7 @@ from destseg.thresholds import good_image_thresholds, map_peaks, read_thresholds
 UNDERTRAINED_FRACTION = 0.5
 
 RUN_FILES = ("checkpoint.pt", "train.log", "metrics.json", "thresholds.json", "config.json", "calibration.json")
-RUN_DIRS = ("thresholds-history", "feedback")  # results of a run's use, removed with it by --overwrite
+RUN_DIRS = ("thresholds-history", "feedback", "engines")  # results of a run's use, removed with it by --overwrite
 
 
 class Run:
@@ -133,15 +134,16 @@ class Run:
         except json.JSONDecodeError as exc:
             raise DestsegError(f"{path}: invalid JSON ({exc})") from None
 
-    def calibrate(self, files, scores, maps, fpr: float, what: str) -> dict:
+    def calibrate(self, files, scores, maps, fpr: float, what: str, unseen: bool = True) -> dict:
         """Good-image thresholds (:func:`destseg.thresholds.good_image_thresholds`) from the scores and maps
         of the good images ``files``, which are kept in RUN/calibration.json (for recalibration and the
-        drift check); the caller writes the thresholds."""
+        drift check); the caller writes the thresholds. ``unseen``: the images were not used for training (else
+        no false-positive bound is stated)."""
         peaks = map_peaks(maps)
-        payload = {"what": what, "files": [str(f) for f in files], "scores": [float(s) for s in scores],
-                   "peaks": [float(p) for p in peaks]}
+        payload = {"what": what, "unseen": unseen, "files": [str(f) for f in files],
+                   "scores": [float(s) for s in scores], "peaks": [float(p) for p in peaks]}
         atomic_write_text(self.path / "calibration.json", json.dumps(payload) + "\n")
-        return good_image_thresholds(scores, peaks, fpr, what)
+        return good_image_thresholds(scores, peaks, fpr, what, unseen)
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_text(self.path / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -96,3 +96,18 @@ def mean_map(model, dataset, device, dtype, batch_size: int, workers: int = 0) -
         total += float(b.outputs["map"].sum())
         count += b.outputs["map"].numel()
     return total / max(count, 1)
+
+
+def score_files(predict, paths: list, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(image scores, largest map values) of image files, by ``predict`` (images -> Predictions, the model in
+    use), ``batch`` at a time."""
+    if not paths:
+        return np.zeros(0), np.zeros(0)
+    from destseg.data.images import read_rgb
+
+    scores, peaks = [], []
+    for i in range(0, len(paths), batch):
+        for p in predict([read_rgb(f) for f in paths[i:i + batch]]):
+            scores.append(p.score)
+            peaks.append(float(p.map.max()))
+    return np.asarray(scores, dtype=np.float64), np.asarray(peaks, dtype=np.float64)

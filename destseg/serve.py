@@ -38,7 +38,7 @@ from destseg.drift import DriftMonitor
 from destseg.errors import DestsegError, ImageError
 from destseg.feedback import KINDS, add_feedback, read_feedback, recalibrate
 from destseg.infer import Detector, Prediction
-from destseg.thresholds import in_force, utc_now
+from destseg.thresholds import decide, in_force, utc_now
 from destseg.visualize import png_b64, threshold_mask, threshold_overlay
 
 RECALIBRATE_BATCH = 4  # images per turn on the model thread during POST /recalibrate: a request waits one turn
@@ -146,7 +146,7 @@ class _Service:
         self._set_thresholds(detector.thresholds or {})
         self.recalibrating = asyncio.Lock()  # one recalibration at a time
         self.recent: deque[dict] = deque(maxlen=recent)  # the last decisions, their image at the model's size
-        calibration = detector.run.calibration() if detector.run else None
+        calibration = detector.calibration  # the good images' scores by the engine that decides here
         self.drift = DriftMonitor(calibration["scores"] if calibration else [], window=drift_window)
         self.page_html = resources.files("destseg").joinpath("serve_page.html").read_text().replace(
             "__RUN__", html.escape(run_name))
@@ -162,7 +162,7 @@ class _Service:
         return {"status": "ok", "run": self.run_name, "model": d.model_name, "teacher": d.config.teacher,
                 "image_size": d.config.image_size, "device": str(d.device),
                 "precision": getattr(d.model, "precision", "fp32" if d.dtype is None else "bf16"),
-                "threshold": self.image_thr, "threshold_source": self.thresholds.get("source"),
+                "threshold": self.image_thr, "engine": d.engine, "threshold_source": self.thresholds.get("source"),
                 "threshold_method": self.thresholds.get("method"), "pixel_threshold": self.pixel_thr,
                 "thresholds_since": self.thresholds.get("since"),
                 "feedback": {k: sum(e["kind"] == k for e in feedback) for k in KINDS},
@@ -194,9 +194,9 @@ class _Service:
         except Exception as exc:  # pragma: no cover - a model failure is a server error, reported as such
             return _error(500, f"inference failed: {exc}")
         thr = threshold if threshold is not None else self.image_thr
-        result = {"score": pred.score, "threshold": thr,
+        result = {"score": pred.score, "threshold": thr, "engine": self.detector.engine,
                   "threshold_source": "request" if threshold is not None else self.thresholds.get("source"),
-                  "is_defect": None if thr is None else bool(pred.score >= thr),
+                  "is_defect": decide(pred.score, thr),
                   "width": image.width, "height": image.height,
                   "timing_ms": {"decode": decode_ms, **{k: v for k, v in timing.items() if k != "batch_size"}},
                   "batch_size": timing["batch_size"]}
@@ -262,7 +262,7 @@ class _Service:
                     self.detector.predict_batch, [image])))[0].score
         try:
             entry = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: add_feedback(self.detector.run.path, image, kind, name, score))
+                None, lambda: add_feedback(self.detector.run.path, image, kind, name, score, self.thresholds))
         except DestsegError as exc:  # a false alarm on an image the thresholds in force call OK
             return _error(409, str(exc))
         return entry

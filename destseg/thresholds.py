@@ -54,7 +54,7 @@ def map_peaks(maps) -> np.ndarray:
     return maps.reshape(len(maps), -1).max(axis=1)
 
 
-def good_image_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what: str) -> dict:
+def good_image_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what: str, unseen: bool = True) -> dict:
     """Thresholds from good images only (their ``scores`` and ``maps``, or the maps' largest values), each
     with a stated guarantee for a new good image exchangeable with them (a false-positive rate at most
     ``fpr_bound``):
@@ -66,15 +66,21 @@ def good_image_thresholds(scores: np.ndarray, maps: np.ndarray, fpr: float, what
       so a quantile of pixels would guarantee nothing per image).
 
     When the images are too few for ``fpr`` (``images_needed``) the largest value is used and a warning
-    names how many images the target needs."""
+    names how many images the target needs. ``unseen``: the images were not used for training; where they were,
+    their scores are lower than a new good image's and no bound holds: ``fpr_bound`` is None and ``method`` says
+    why."""
     n = len(scores)
     bound = fpr_bound(n, fpr)
     peaks = map_peaks(maps)
     out = {"image": conformal_threshold(scores, fpr), "pixel": conformal_threshold(peaks, fpr),
-           "source": "good_images", "n_images": int(n), "fpr_target": fpr, "fpr_bound": bound,
+           "source": "good_images", "n_images": int(n), "fpr_target": fpr, "fpr_bound": bound if unseen else None,
            "method": f"split conformal on the scores of {n} {what}: the {min(conformal_rank(n, fpr), n)}-th "
                      f"smallest of {n} (k = ceil((n + 1)(1 - {fpr}))); pixel threshold: the same rule on each "
                      "image's largest map value"}
+    if not unseen:
+        out["method"] += ("; no false-positive bound: these images were seen in training, so they score lower than "
+                          "new good images (hold some out with --threshold-holdout, or recalibrate on unseen ones)")
+        return out
     if bound > fpr:
         note = (f"{n} good images cannot set a {fpr:.3g} false-positive rate: the threshold is their largest "
                 f"score, which bounds the rate at {bound:.3g} (1/(n+1)); {images_needed(fpr)} good images are "
@@ -91,6 +97,14 @@ def in_force(stored: dict | None, image: float | None = None, pixel: float | Non
     image = image if image is not None else stored.get("image")
     pixel = pixel if pixel is not None else stored.get("pixel", image)
     return image, pixel
+
+
+def decide(score: float, threshold: float | None) -> bool | None:
+    """The decision ``score >= threshold`` (defect), compared in float64 everywhere (predict, watch, serve, the
+    API), so an explicit threshold such as 0.50000001 decides alike in each; None without a threshold. The
+    model's float32 scores are exact in float64, and stored thresholds are float32 values, so they decide as
+    they were set."""
+    return None if threshold is None else bool(float(score) >= float(threshold))
 
 
 HISTORY = "thresholds-history"

@@ -107,10 +107,14 @@ def _hold_out(paths: list[Path], share: float, seed: int) -> tuple[list[Path], l
 
 
 def split_images(paths: list[Path], validation_share: float, options: TrainOptions) -> Split:
-    """Good images for the decision threshold: the model's validation images where it has them, else a
-    seeded hold-out of ``--threshold-holdout`` (none with fewer than 10 images)."""
+    """Good images for the decision threshold: half of the model's validation images where it has them (the
+    other half picks its best weights: images that chose the weights score low on them, so they would bias the
+    threshold), else a seeded hold-out of ``--threshold-holdout`` (none with fewer than 10 images)."""
     train_paths, val_paths = _hold_out(paths, validation_share, options.seed)
-    threshold_paths = val_paths
+    threshold_paths: list[Path] = []
+    if len(val_paths) >= 2:
+        keep = (len(val_paths) + 1) // 2
+        val_paths, threshold_paths = val_paths[:keep], val_paths[keep:]
     if not threshold_paths and options.threshold_holdout > 0 and len(train_paths) >= 10:
         train_paths, threshold_paths = _hold_out(train_paths, options.threshold_holdout, options.seed + 1)
     return Split(train_paths, val_paths, threshold_paths)
@@ -356,8 +360,15 @@ def _saved_run(run: Run, options: TrainOptions | None, data: DataSource | None):
     if saved_options.get("schedule") not in (None, "auto", "paper", "cpu") and not str(
             saved_options.get("schedule")).endswith(".json"):
         saved_options["schedule"] = None  # an earlier version recorded the schedule in words here
-    options = TrainOptions(**{**saved_options, **({"progress": options.progress} if options else {})})
+    given = options
+    options = TrainOptions(**{**saved_options, **({"progress": given.progress} if given else {})})
     options.schedule = None  # the saved config is used as it is
+    if given is not None and given.time_budget_s and given.time_budget_s != options.time_budget_s:
+        was = "none" if not options.time_budget_s else f"{options.time_budget_s / 60:g} min"
+        print(f"destseg: note: --time-budget {given.time_budget_s / 60:g} min for this run from now on (was {was}); "
+              "the time already spent counts against it", file=sys.stderr)
+        options.time_budget_s = given.time_budget_s
+        run.update_record(options={**saved["options"], "time_budget_s": given.time_budget_s})
     data = run.data or data
     ckpt = run.checkpoint(expected_model=model_name)
     if ckpt.get("finished"):
@@ -388,7 +399,8 @@ def _thresholds(run: Run, model, split: Split, config, device, dtype, fpr: float
                           backbone_spec(config.teacher).normalize)
     scores, maps = score_images(model, dataset, device, dtype, config.batch_size)
     what = "good training images held out of training" if held_out else "training images (seen in training)"
-    return run.calibrate(paths, scores, maps, fpr, what)
+    thresholds = run.calibrate(paths, scores, maps, fpr, what, unseen=held_out)
+    return {**thresholds, "engine": f"torch {'fp32' if dtype is None else 'bf16'}"}  # the scorer they are true of
 
 
 def _record_training(run: Run, loop: Loop) -> None:

@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import deque
@@ -108,7 +109,9 @@ class Journal:
     def _write(self, text: str) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, text.encode())
+            left = memoryview(text.encode())
+            while left:  # a short write (a nearly full disk) goes on where it stopped; a full one raises
+                left = left[os.write(fd, left):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -138,6 +141,7 @@ class Watcher:
         self.out_resolved = out.resolve()
         self.batch_size, self.settle_s, self.retry_s, self.output_size = batch_size, settle_s, retry_s, output_size
         self.log = log
+        self.stop: threading.Event | None = None  # set by Ctrl-C: stop between batches
         self.results = Journal(out / "results.csv", COLUMNS, tail=drift_window)
         self.skipped = Journal(out / "skipped.csv", ["file", "reason", "time"], tail=1)
         self.seen: dict[str, _Seen] = {}
@@ -146,7 +150,7 @@ class Watcher:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-watch") if workers > 0 else None
         self.thresholds_mtime = None
         self._reload_thresholds()
-        calibration = detector.run.calibration() if detector.run else None
+        calibration = detector.calibration  # the good images' scores by the engine that decides here
         self.drift = DriftMonitor(calibration["scores"] if calibration else [], window=drift_window)
         for row in self.results.tail:
             self.drift.add(float(row["score"]))
@@ -159,8 +163,9 @@ class Watcher:
         mtime = path.stat().st_mtime_ns if path and path.is_file() else None
         if mtime != self.thresholds_mtime:
             if self.thresholds_mtime is not None:
-                self.det.thresholds = run.thresholds()
-                self.log(f"destseg watch: thresholds reloaded (since {self.det.thresholds.get('since')})")
+                self.det.reload_thresholds()
+                self.log(f"destseg watch: thresholds reloaded (since {self.det.thresholds.get('since')}; "
+                         f"{self.det.engine})")
             self.thresholds_mtime = mtime
         self.image_thr, self.pixel_thr = in_force(self.det.thresholds)
         if self.image_thr is None:
@@ -248,11 +253,14 @@ class Watcher:
         return now - self.seen[rel].since >= self.retry_s or wall - st.st_mtime >= self.retry_s
 
     def score(self, files: list[str]) -> int:
-        """Score ``files`` in batches; returns how many were scored (the rest failed to decode)."""
-        self._reload_thresholds()
+        """Score ``files`` in batches, each under the thresholds in force when it starts (a recalibration is taken
+        up by the next batch); returns how many were scored (the rest failed to decode)."""
         size = self.det.config.image_size
         done = 0
         for i in range(0, len(files), self.batch_size):
+            if self.stop is not None and self.stop.is_set():  # Ctrl-C: the rest is scored by the next run
+                break
+            self._reload_thresholds()
             chunk = files[i:i + self.batch_size]
             paths = [self.input_dir / rel for rel in chunk]
             loaded = list(self.pool.map(lambda p: load_for_model(p, size), paths)) if self.pool else \
@@ -298,7 +306,7 @@ class Watcher:
         state = self.drift.state()
         atomic_write_text(self.out / "drift.json", json.dumps(state, indent=1) + "\n")
         with open(self.out / "watch.log", "a") as f:
-            f.write(json.dumps({"time": utc_now(), "scored": n, "defect": n_defect,
+            f.write(json.dumps({"time": utc_now(), "engine": self.det.engine, "scored": n, "defect": n_defect,
                                 "total": self.results.count, "drift": state}) + "\n")
         if state["state"] != self.drift_state:
             if state["state"] == "warning":
@@ -329,8 +337,17 @@ def _check(input_dir: Path, interval: float, settle_s: float, retry_s: float, ba
         raise DestsegError(f"--drift-window must be at least 10 images (got {drift_window})")
 
 
-def _interrupt(*_):
-    raise KeyboardInterrupt
+class _Stop:
+    """Ctrl-C or SIGTERM asks the watcher to stop between two steps (a scan, a batch scored and journalled, a
+    wait), so that no journal row is ever left without the line that reports it; a second one stops at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, *_):
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
 
 
 def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, settle_s: float = 1.0,
@@ -351,13 +368,15 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
         raise DestsegError(f"{out}: another `destseg watch` is writing there") from None
     workers = io_workers(detector.device) if workers < 0 else workers
     watcher = Watcher(detector, input_dir, out, batch_size, settle_s, retry_s, output_size, workers, drift_window)
+    stop = _Stop()
+    watcher.stop = stop.event
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: started in the background (`destseg watch &`
-        signal.signal(sig, _interrupt)            # from a script) it inherits SIGINT ignored; training stops too
+        signal.signal(sig, stop)                  # from a script) it inherits SIGINT ignored; training stops too
     before = watcher.results.count
     print(f"destseg watch: {input_dir} -> {out}/results.csv ({before} images already scored; threshold "
-          f"{watcher.image_thr:.4g}; {'once' if once else 'Ctrl-C stops'})", flush=True)
+          f"{watcher.image_thr:.4g}, decided by {detector.engine}; {'once' if once else 'Ctrl-C stops'})", flush=True)
     try:
-        while True:
+        while not stop.event.is_set():
             ready, waiting = watcher.scan()
             if ready:
                 n = watcher.score(ready)
@@ -369,7 +388,9 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
                     print(f"destseg watch: {waiting} file(s) still being written or not readable yet: left for "
                           "the next run", flush=True)
                 break
-            time.sleep(interval)
+            stop.event.wait(interval)
+        if stop.event.is_set():
+            print("destseg watch: stopped; run it again to go on where it stopped", file=sys.stderr)
     except KeyboardInterrupt:
         print("destseg watch: stopped; run it again to go on where it stopped", file=sys.stderr)
     finally:

@@ -227,7 +227,7 @@ def test_watch_prints_each_defect_decision_as_it_happens(folder_run, tmp_path, c
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("openvino"))
     thr = json.loads((copy / "thresholds.json").read_text())
-    (copy / "thresholds.json").write_text(json.dumps({**thr, "image": -1e9}))  # everything is a defect
+    (copy / "thresholds.json").write_text(json.dumps({**thr, "image": -1e9, "source": "manual"}))  # all defects
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["watch", "--run", str(copy), "--input", str(root / "defect"), "--out", str(tmp_path / "w"),

@@ -1,0 +1,121 @@
+"""Decisions and records that say what they are: no false-positive bound where the images were seen in training,
+STFPM's thresholds from images that did not pick its weights, one comparison for every decision, and a time
+budget that survives a kill and can be changed on resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_mvtec, normal_image
+from destseg.checkpoint import load_checkpoint, save_checkpoint
+from destseg.infer import Detector
+from destseg.loop import logged_elapsed
+from destseg.models import model_config
+from destseg.thresholds import decide
+from destseg.train import DataSource, TrainOptions, split_images, train
+
+TINY = dict(teacher="efficientnet_lite0", image_size=64, batch_size=4, steps=6, student_steps=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mvtec(tmp_path_factory.mktemp("d"), n_train=24)
+
+
+def test_no_bound_is_stated_for_images_seen_in_training(data, tmp_path):
+    run = tmp_path / "run"
+    train(run, "destseg", model_config("destseg", **TINY), DataSource(str(data), "widget"),
+          options=TrainOptions(progress=False, precision="fp32", threshold_holdout=0))
+    thr = json.loads((run / "thresholds.json").read_text())
+    assert thr["fpr_bound"] is None and "no false-positive bound: these images were seen in training" in thr["method"]
+    assert json.loads((run / "calibration.json").read_text())["unseen"] is False
+    held = tmp_path / "held"
+    train(held, "destseg", model_config("destseg", **TINY), DataSource(str(data), "widget"),
+          options=TrainOptions(progress=False, precision="fp32"))
+    thr = json.loads((held / "thresholds.json").read_text())
+    assert thr["fpr_bound"] == pytest.approx(max(0.01, 1 / (thr["n_images"] + 1)))
+
+
+def test_stfpm_thresholds_come_from_images_that_did_not_pick_its_weights(tmp_path):
+    paths = [tmp_path / f"{i:03d}.png" for i in range(40)]
+    split = split_images(paths, 0.2, TrainOptions(seed=3))
+    assert len(split.validation) == 4 and len(split.threshold) == 4
+    assert not set(split.validation) & set(split.threshold)
+    assert not (set(split.validation) | set(split.threshold)) & set(split.train)
+    assert len(split.train) == 32
+    # no validation images of its own: the --threshold-holdout share
+    split = split_images(paths, 0.0, TrainOptions(seed=3))
+    assert split.validation == [] and len(split.threshold) == 4 and len(split.train) == 36
+
+
+def test_every_decision_compares_alike(data, tmp_path):
+    assert decide(np.float32(0.5), 0.50000001) is False  # float32 would round the threshold to 0.5
+    assert decide(np.float32(0.5), 0.5) is True and decide(0.3, None) is None
+    run = tmp_path / "run"
+    train(run, "destseg", model_config("destseg", **TINY), DataSource(str(data), "widget"),
+          options=TrainOptions(progress=False, precision="fp32"))
+    det = Detector.load(run, backend="torch", precision="fp32")
+    img = normal_image(np.random.default_rng(0))
+    score = det.predict(img).score
+    assert det.predict(img, threshold=score).is_defect is True
+    assert det.predict(img, threshold=float(np.nextafter(score, np.inf))).is_defect is False
+
+
+def test_resume_counts_the_time_logged_after_the_checkpoint_and_takes_a_new_budget(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run, "destseg", model_config("destseg", **TINY), DataSource(str(data), "widget"),
+          options=TrainOptions(progress=False, precision="fp32", time_budget_s=3600))
+    # as if killed: the checkpoint of step 3 (stage 1's end), train.log having gone on to 500 s of training
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    ckpt.update(step=3, finished=False, elapsed_s=20.0, stage="student", optimizer_state=None,
+                stages=[{"name": "student", "planned": 3, "trained": 3},
+                        {"name": "segmentation", "planned": 3, "trained": 0}])
+    save_checkpoint(run / "checkpoint.pt", {k: v for k, v in ckpt.items() if k not in ("format_version",)})
+    with open(run / "train.log", "a") as f:
+        f.write(json.dumps({"step": 5, "stage": "segmentation", "time_s": 500.0}) + "\n{\"cut by a kill")
+    assert logged_elapsed(run / "train.log") == 500.0
+    train(run, resume=True, options=TrainOptions(progress=False, time_budget_s=7200))
+    err = capsys.readouterr().err
+    assert "--time-budget 120 min for this run from now on (was 60 min)" in err
+    record = json.loads((run / "config.json").read_text())
+    assert record["options"]["time_budget_s"] == 7200 and record["training"]["elapsed_s"] >= 500
+    assert load_checkpoint(run / "checkpoint.pt")["finished"]
+
+
+def test_thresholds_in_force_are_those_of_the_engine_that_decides(data, tmp_path):
+    """Training sets them in its own precision (torch fp32 here); OpenVINO derives its own once from the same good
+    images, keeps them, names them, and uses them; recalibrate writes them for its own engine."""
+    pytest.importorskip("openvino")
+    from destseg.engine_thresholds import engine_file
+    from destseg.feedback import recalibrate
+    from destseg.scoring import score_files
+    from destseg.thresholds import conformal_threshold
+
+    run = tmp_path / "run"
+    train(run, "destseg", model_config("destseg", **TINY), DataSource(str(data), "widget"),
+          options=TrainOptions(progress=False, precision="fp32"))
+    stored = json.loads((run / "thresholds.json").read_text())
+    assert stored["engine"] == "torch fp32"
+    torch_det = Detector.load(run, backend="torch", precision="fp32")
+    assert torch_det.thresholds == stored and not engine_file(run, "torch fp32").exists()
+    det = Detector.load(run, backend="openvino", precision="fp32")
+    assert det.engine == "openvino fp32" and det.thresholds["engine"] == "openvino fp32"
+    cal = json.loads((run / "calibration.json").read_text())
+    scores, _ = score_files(det.predict_batch, cal["files"])
+    assert det.thresholds["image"] == conformal_threshold(scores, stored["fpr_target"])
+    assert det.calibration["scores"] == pytest.approx(list(scores))  # the drift reference: this engine's scores
+    assert engine_file(run, "openvino fp32").is_file() and json.loads((run / "thresholds.json").read_text()) == stored
+    again = Detector.load(run, backend="openvino", precision="fp32")  # kept: not scored again
+    assert again.thresholds == det.thresholds
+    out = tmp_path / "pred"
+    from destseg.predict import run_predict
+
+    run_predict(run, str(data / "widget" / "test"), out, progress=False, backend="openvino", precision="fp32")
+    result = json.loads((out / "results.json").read_text())
+    assert result["engine"] == "openvino fp32" and result["threshold"] == det.thresholds["image"]
+    assert all(r["engine"] == "openvino fp32" for r in result["results"])
+    recalibrate(det)
+    after = json.loads((run / "thresholds.json").read_text())
+    assert after["engine"] == "openvino fp32" and Detector.load(run, backend="openvino", precision="fp32").thresholds == after
+    assert Detector.load(run, backend="torch", precision="fp32").thresholds["engine"] == "torch fp32"
