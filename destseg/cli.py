@@ -107,7 +107,7 @@ def cmd_inspect(args) -> int:
     from destseg.data import validate
     from destseg.data.datasets import shape_note, train_color
 
-    data = data_source(args, training=False)
+    data = data_source(args)
     if data is None:
         raise DestsegError("nothing to inspect: pass --data DIR (good images, or a dataset root with --category) "
                            "or --good/--defect folders")
@@ -135,7 +135,7 @@ def cmd_inspect(args) -> int:
     return 1 if summary["problems"] else 0
 
 
-def data_source(args, training: bool = False):
+def data_source(args):
     """The data a command was pointed at: ``--data ROOT --category C`` (a benchmark layout), ``--data DIR``
     alone (a plain folder of good images), or (test, inspect) ``--good``/``--defect``/``--masks`` folders;
     None when nothing was given."""
@@ -174,7 +174,7 @@ def cmd_train(args) -> int:
     if args.resume:
         call = {"resume": True}
     else:
-        data = data_source(args, training=True)
+        data = data_source(args)
         if data is None:
             raise DestsegError("--data is required (a folder of good images, or a dataset root with --category; "
                                "unless --resume)")
@@ -214,7 +214,8 @@ def cmd_test(args) -> int:
     saved = Run(args.run).record.get("data") or {}
     benchmark_run = saved.get("root") and saved.get("layout") != "folder"
     if args.data and not args.category and benchmark_run:  # another copy of the run's dataset: its category
-        data = DataSource(args.data, saved["category"], args.layout if args.layout != "auto" else saved.get("layout", "auto"))
+        layout = args.layout if args.layout != "auto" else saved.get("layout", "auto")
+        data = DataSource(args.data, saved["category"], layout)
     elif args.category and not args.data:  # another category of the run's own dataset root
         if not benchmark_run:
             raise DestsegError(f"{args.run}: the run does not record a dataset root; pass --data ROOT with --category")
@@ -223,7 +224,7 @@ def cmd_test(args) -> int:
         raise DestsegError("test needs labelled images: --good DIR and --defect DIR (plain folders), or --data ROOT "
                            "--category NAME (a dataset in the MVTec layout)")
     else:
-        data = data_source(args, training=False)
+        data = data_source(args)
     if not 0 < args.fpr < 1:
         raise DestsegError(f"--fpr must be in (0, 1) (got {args.fpr})")
     result = evaluate_run(args.run, data, device=args.device, precision=args.precision,
@@ -459,7 +460,8 @@ def _train_parser(p) -> None:
                                          "the DTD release once into the cache (the paper's source); default: a "
                                          "built-in procedural generator (offline fallback, flagged in the run)")
     p.add_argument("--rotation", choices=["none", "small", "rot90"],
-                   help="train-time rotation; default: the category's setting from the paper (none for a model that trains "
+                   help="train-time rotation; default: the category's setting from the paper (none for a model "
+                        "that trains "
                         "without augmentation and for a category the library does not know)")
     p.add_argument("--anomaly-color", default="auto", choices=["auto", "rgb", "gray"],
                    help="colour of the synthetic anomalies: rgb (the textures as they are), gray (their "
@@ -605,9 +607,11 @@ def _benchmark_parser(p) -> None:
 
 
 COMMANDS = {  # name: (help, arguments, action)
-    "inspect": ("check images before training or testing: counts, size, colour, problems", _inspect_parser, cmd_inspect),
+    "inspect": ("check images before training or testing: counts, size, colour, problems", _inspect_parser,
+                cmd_inspect),
     "train": ("train a detector on good images into a run folder", _train_parser, cmd_train),
-    "test": ("measure how well a run separates good and defect images (RUN/metrics.json, report.html)", _test_parser, cmd_test),
+    "test": ("measure how well a run separates good and defect images (RUN/metrics.json, report.html)", _test_parser,
+             cmd_test),
     "predict": ("score images (file, folder or glob): overlays, masks, CSV, JSON", _predict_parser, cmd_predict),
     "export": ("export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)", _export_parser,
                cmd_export),

@@ -338,7 +338,8 @@ def decisions_lines(result: dict) -> list[str]:
     m = result.get("thresholds_measured")
     if m and thr.get("measured_on_test"):
         pixel = "none (no masks)" if m.get("pixel") is None else f"{m['pixel']:.5g}"
-        lines.append(f"this split suggests image threshold {m['image']:.5g}, pixel {pixel} ({m['method'].split(':')[0]}); "
+        how = m["method"].split(":")[0]
+        lines.append(f"this split suggests image threshold {m['image']:.5g}, pixel {pixel} ({how}); "
                      "recorded in thresholds.json under measured_on_test, not in force (--adopt-thresholds puts "
                      "them in force)")
     return lines

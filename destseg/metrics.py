@@ -346,7 +346,8 @@ def decision_rates(scores, labels, threshold: float) -> dict:
     labels = np.asarray(labels).ravel().astype(bool)
     called = np.asarray(scores, dtype=np.float64).ravel() >= threshold
     out: dict = {"threshold": float(threshold)}
-    for name, rows, count_name in (("detection_rate", labels, "detected"), ("false_alarm_rate", ~labels, "false_alarms")):
+    for name, rows, count_name in (("detection_rate", labels, "detected"),
+                                   ("false_alarm_rate", ~labels, "false_alarms")):
         n, k = int(rows.sum()), int((called & rows).sum())
         out[name] = k / n if n else None
         out[count_name], out[f"n_{'defect' if name == 'detection_rate' else 'good'}"] = k, n

@@ -199,7 +199,8 @@ class _Results:
                     self.n_done += 1
                     self.n_defect += row["decision"] == "defect"
                 fjson.write("\n],\n" + f'"threshold": {json.dumps(image_thr)}, "pixel_threshold": '
-                            f'{json.dumps(pixel_thr)}, "engine": {json.dumps(self.engine)},\n"skipped": {json.dumps(self.skipped, indent=1)},\n'
+                            f'{json.dumps(pixel_thr)}, "engine": {json.dumps(self.engine)},\n'
+                            f'"skipped": {json.dumps(self.skipped, indent=1)},\n'
                             f'"ignored": {json.dumps([str(p) for p in self.ignored], indent=1)}}}\n')
         finally:
             for f in files:

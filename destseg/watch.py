@@ -70,16 +70,18 @@ class Journal:
         self.count = 0
         self.files: set[str] = set()
         self.tail: deque[dict] = deque(maxlen=tail)
-        if path.is_file():
+        if path.is_file() and path.stat().st_size:  # a file of another program is refused before a byte changes
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header != columns:
+                raise DestsegError(f"{path}: not written by `destseg watch` (columns {header}, expected "
+                                   f"{columns}); choose another --out")
             _drop_cut_line(path)
         if not path.is_file() or path.stat().st_size == 0:
             self._write(",".join(columns) + "\n")
             return
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames != columns:
-                raise DestsegError(f"{path}: not written by `destseg watch` (columns {reader.fieldnames}, expected "
-                                   f"{columns}); choose another --out")
             for row in reader:
                 self._keep(row)
 
@@ -127,9 +129,13 @@ def _drop_cut_line(path: Path) -> None:
 
 
 def output_name(rel: str) -> str:
-    """The PNG name of an input: ``a.png`` keeps its name, ``a.jpg`` becomes ``a.jpg.png`` (deterministic,
-    so that a restart writes the same files)."""
-    return rel if rel.lower().endswith(".png") else rel + ".png"
+    """The PNG name of an input, deterministic (a restart writes the same files) and unique per input: ``a.png``
+    keeps its name, anything else gets ``.png`` added (``a.jpg`` -> ``a.jpg.png``), and so does a PNG whose
+    name without it has an image extension (``a.jpg.png`` -> ``a.jpg.png.png``, not ``a.jpg``'s name)."""
+    stem, ext = os.path.splitext(rel)
+    if ext.lower() == ".png" and os.path.splitext(stem)[1].lower() not in IMAGE_EXTENSIONS:
+        return rel
+    return rel + ".png"
 
 
 class Watcher:
@@ -145,7 +151,7 @@ class Watcher:
         self.results = Journal(out / "results.csv", COLUMNS, tail=drift_window)
         self.skipped = Journal(out / "skipped.csv", ["file", "reason", "time"], tail=1)
         self.seen: dict[str, _Seen] = {}
-        self.failed: dict[str, str] = {}  # file -> why it did not decode last time
+        self.failed: dict[str, tuple[str, float]] = {}  # file -> (why it did not decode, first failure)
         self.folders: dict[str, _Folder] = {}  # 'sub/dir/' (or '' for --input) -> what the last scan found
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-watch") if workers > 0 else None
         self.thresholds_mtime = None
@@ -228,11 +234,11 @@ class Watcher:
                 seen = self.seen[rel] = _Seen(st.st_size, st.st_mtime_ns, now)
                 self.failed.pop(rel, None)  # changed since it failed: try again
             settled = now - seen.since >= self.settle_s or wall - st.st_mtime >= self.settle_s
-            if not settled or (rel in self.failed and not self._give_up(rel, st, now, wall)):
+            if not settled:
                 continue
-            if rel in self.failed:  # unchanged for retry_s and still unreadable
+            if rel in self.failed and now - self.failed[rel][1] >= self.retry_s:  # unreadable for --retry seconds
                 pending.discard(rel)
-                self.skipped.append([{"file": rel, "reason": self.failed.pop(rel), "time": utc_now()}])
+                self.skipped.append([{"file": rel, "reason": self.failed.pop(rel)[0], "time": utc_now()}])
                 self.log(f"destseg watch: skipped {rel}: {self.skipped.tail[-1]['reason']}", file=sys.stderr)
                 f.done.add(name)
                 continue
@@ -248,9 +254,6 @@ class Watcher:
             for name in self.folders.pop(key).done:
                 self.results.forget(key + name)
                 self.skipped.forget(key + name)
-
-    def _give_up(self, rel: str, st, now: float, wall: float) -> bool:
-        return now - self.seen[rel].since >= self.retry_s or wall - st.st_mtime >= self.retry_s
 
     def score(self, files: list[str]) -> int:
         """Score ``files`` in batches, each under the thresholds in force when it starts (a recalibration is taken
@@ -269,8 +272,8 @@ class Watcher:
             for rel, (_, img, error, in_hw) in zip(chunk, loaded):
                 if error is None:
                     good.append((rel, img, in_hw))
-                else:
-                    self.failed[rel] = error
+                else:  # tried again at each scan (every --interval) until --retry seconds after the first failure
+                    self.failed[rel] = (error, self.failed.get(rel, (None, time.monotonic()))[1])
             if not good:
                 continue
             preds = self.det.predict_batch([img for _, img, _ in good], threshold=self.image_thr)
@@ -378,14 +381,15 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
     try:
         while not stop.event.is_set():
             ready, waiting = watcher.scan()
-            if ready:
-                n = watcher.score(ready)
+            n = watcher.score(ready) if ready else 0
+            if n:
                 print(f"destseg watch: {n} scored, {watcher.results.count} in all; drift "
                       f"{watcher.drift_state}", flush=True)
                 continue  # scan again at once: more may have come meanwhile
             if once:
-                if waiting:
-                    print(f"destseg watch: {waiting} file(s) still being written or not readable yet: left for "
+                left = waiting + len(ready)  # nothing of ready decoded this time
+                if left:
+                    print(f"destseg watch: {left} file(s) still being written or not readable yet: left for "
                           "the next run", flush=True)
                 break
             stop.event.wait(interval)

@@ -15,6 +15,11 @@ from PIL import Image
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# OpenVINO's model converter sends usage telemetry unless it runs in CI, from a forked process that the test
+# process waits for at exit: on a machine without network its DNS lookup can hold `make test` for minutes after
+# the last test. The suite runs as CI runs it, which also picks hypothesis's CI profile (derandomised).
+os.environ.setdefault("CI", "true")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

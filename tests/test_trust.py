@@ -119,3 +119,63 @@ def test_thresholds_in_force_are_those_of_the_engine_that_decides(data, tmp_path
     after = json.loads((run / "thresholds.json").read_text())
     assert after["engine"] == "openvino fp32" and Detector.load(run, backend="openvino", precision="fp32").thresholds == after
     assert Detector.load(run, backend="torch", precision="fp32").thresholds["engine"] == "torch fp32"
+
+
+def test_watch_output_names_are_unique_per_input():
+    from destseg.watch import output_name
+
+    names = ["a.png", "a.jpg", "a.jpg.png", "a.jpg.png.png", "sub/b.PNG", "b.tif", "c.png.jpg"]
+    outs = [output_name(n) for n in names]
+    assert len(set(outs)) == len(outs) and all(o.lower().endswith(".png") for o in outs)
+    assert output_name("a.png") == "a.png" and output_name("a.jpg") == "a.jpg.png"
+
+
+def test_watch_refuses_a_foreign_journal_before_changing_a_byte(tmp_path):
+    from destseg.errors import DestsegError
+    from destseg.watch import COLUMNS, Journal
+
+    foreign = tmp_path / "results.csv"
+    foreign.write_bytes(b"part,verdict\n001,ok\n002,defe")  # another program's file, last line unfinished
+    before = foreign.read_bytes()
+    with pytest.raises(DestsegError, match="not written by `destseg watch`"):
+        Journal(foreign, COLUMNS)
+    assert foreign.read_bytes() == before
+    ours = tmp_path / "ours.csv"
+    ours.write_text(",".join(COLUMNS) + "\n" + "a.png,0.1,ok,0.5,t,o,m\nb.png,0.")  # a row cut by a kill
+    assert Journal(ours, COLUMNS).files == {"a.png"} and ours.read_text().endswith("o,m\n")
+
+
+def test_watch_tries_an_old_undecodable_file_again_until_retry_seconds_after_its_first_failure(data, tmp_path):
+    """A file moved in with an old modification time that does not decode yet is not skipped at once: it is
+    tried again each scan, and decoded once it can be; one that never decodes is skipped after --retry."""
+    import os
+    import time
+
+    from PIL import Image
+
+    from destseg.watch import Watcher
+
+    run = tmp_path / "run"
+    train(run, "destseg", model_config("destseg", **TINY), DataSource(str(data), "widget"),
+          options=TrainOptions(progress=False, precision="fp32"))
+    det = Detector.load(run, backend="torch", precision="fp32")
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    out.mkdir()
+    good, bad = inp / "late.png", inp / "bad.png"
+    good.write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # not decodable yet
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n never")
+    for f in (good, bad):
+        os.utime(f, (time.time() - 3600, time.time() - 3600))  # moved in with an hour-old mtime
+    w = Watcher(det, inp, out, 4, settle_s=1.0, retry_s=2.0, output_size="model", workers=0, drift_window=20)
+    ready, _ = w.scan()
+    assert sorted(ready) == ["bad.png", "late.png"] and w.score(ready) == 0
+    assert w.skipped.count == 0 and set(w.failed) == {"bad.png", "late.png"}
+    Image.fromarray(normal_image(np.random.default_rng(5))).save(good)  # now it decodes
+    os.utime(good, (time.time() - 3600, time.time() - 3600))
+    ready, _ = w.scan()
+    assert w.score(ready) == 1 and w.results.files == {"late.png"} and w.skipped.count == 0
+    time.sleep(2.1)
+    ready, _ = w.scan()
+    assert ready == [] and [r["file"] for r in w.skipped.tail] == ["bad.png"]
+    w.close()
