@@ -373,8 +373,9 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
     watcher = Watcher(detector, input_dir, out, batch_size, settle_s, retry_s, output_size, workers, drift_window)
     stop = _Stop()
     watcher.stop = stop.event
-    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: started in the background (`destseg watch &`
-        signal.signal(sig, stop)                  # from a script) it inherits SIGINT ignored; training stops too
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:          # SIGINT too: started in the background (`destseg watch &` from a script) it
+        signal.signal(sig, stop)  # inherits SIGINT ignored; training stops too
     before = watcher.results.count
     print(f"destseg watch: {input_dir} -> {out}/results.csv ({before} images already scored; threshold "
           f"{watcher.image_thr:.4g}, decided by {detector.engine}; {'once' if once else 'Ctrl-C stops'})", flush=True)
@@ -400,6 +401,8 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
     finally:
         watcher.close()
         lock.close()
+        for sig, handler in previous.items():  # the caller's handlers back (the API, a test process)
+            signal.signal(sig, handler)
     print(f"destseg watch: {watcher.results.count - before} images scored in this run, "
           f"{watcher.skipped.count} skipped in all", flush=True)
     return 0
