@@ -54,18 +54,20 @@ def for_engine(run, engine: str, predict_batch, batch: int = 16) -> tuple[dict |
         return stored, calibration
     scores, peaks = score_files(predict_batch, files + extra, batch)
     what = calibration["what"] + (f" and {len(extra)} false alarms marked by a person" if extra else "")
+    unseen = calibration.get("unseen", "seen in training" not in calibration["what"])
     derived = good_image_thresholds(scores, peaks, stored.get("fpr_target") or 0.01, f"{what}, scored by {engine}",
-                                    calibration.get("unseen", "seen in training" not in calibration["what"]))
+                                    unseen)
     derived.update(engine=engine, since=stored.get("since"),
                    derived_from=f"thresholds.json of {stored.get('since')} ({stored.get('engine', 'training model')})")
-    record = keep(run, engine, derived, calibration["what"], calibration.get("unseen", True), files,
-                  scores[:len(files)], peaks[:len(files)])
+    record = keep(run, engine, derived, calibration["what"], unseen, files, scores[:len(files)], peaks[:len(files)])
     return derived, record
 
 
 def _key(stored: dict) -> str:
-    """What a kept engine record derives from: the digest of RUN/thresholds.json's content."""
-    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:16]
+    """What a kept engine record derives from: the digest of RUN/thresholds.json's content (what `destseg test`
+    records beside the thresholds in force left out: it does not change them)."""
+    in_force = {k: v for k, v in stored.items() if k != "measured_on_test"}
+    return hashlib.sha256(json.dumps(in_force, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def keep(run, engine: str, thresholds: dict, what: str, unseen: bool, files, scores, peaks) -> dict:
