@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from destseg.checkpoint import atomic_write_text
+from destseg.run import calibration_unseen
 from destseg.scoring import score_files
 from destseg.thresholds import good_image_thresholds
 
@@ -54,7 +55,7 @@ def for_engine(run, engine: str, predict_batch, batch: int = 16) -> tuple[dict |
         return stored, calibration
     scores, peaks = score_files(predict_batch, files + extra, batch)
     what = calibration["what"] + (f" and {len(extra)} false alarms marked by a person" if extra else "")
-    unseen = calibration.get("unseen", "seen in training" not in calibration["what"])
+    unseen = calibration_unseen(calibration)
     derived = good_image_thresholds(scores, peaks, stored.get("fpr_target") or 0.01, f"{what}, scored by {engine}",
                                     unseen)
     derived.update(engine=engine, since=stored.get("since"),

@@ -28,7 +28,7 @@ from PIL import Image
 
 from destseg.checkpoint import atomic_write
 from destseg.errors import DestsegError
-from destseg.run import Run
+from destseg.run import Run, calibration_unseen
 from destseg.scoring import score_files
 from destseg.thresholds import good_image_thresholds, utc_now
 
@@ -152,7 +152,7 @@ def recalibrate(detector, fpr: float | None = None, predict=None, batch: int = 1
     peaks = np.concatenate([cal_peaks, scored["false_alarm"][1]])
     n_fa = len(scored["false_alarm"][0])
     what += f" and {n_fa} false alarms marked by a person" if n_fa else ""
-    unseen = calibration.get("unseen", "seen in training" not in calibration["what"])
+    unseen = calibration_unseen(calibration)
     after = good_image_thresholds(scores, peaks, fpr, what, unseen)
     after["feedback"] = {"false_alarms": n_fa, "missed_defects": len(scored["missed_defect"][0])}
     after["engine"] = detector.engine  # every score above is this engine's
@@ -161,8 +161,8 @@ def recalibrate(detector, fpr: float | None = None, predict=None, batch: int = 1
     if detector.engine and files and all(f.is_file() for f in files):  # its calibration scores, for drift
         from destseg.engine_thresholds import keep
 
-        detector.calibration = keep(run, detector.engine, after, calibration["what"], calibration.get("unseen", True),
-                                    files, cal_scores, cal_peaks)
+        detector.calibration = keep(run, detector.engine, after, calibration["what"], unseen, files, cal_scores,
+                                    cal_peaks)
     missed = scored["missed_defect"][0]
     return {"before": before, "after": after, "n_calibration": len(calibration["scores"]), "n_false_alarms": n_fa,
             "n_missed_defects": len(missed), "missed_caught": int((missed >= after["image"]).sum())}

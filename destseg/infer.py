@@ -21,7 +21,7 @@ from destseg.metrics import (
 )
 from destseg.models import ModelConfig
 from destseg.models.backbones import backbone_spec
-from destseg.run import Run, training_summary
+from destseg.run import Run, calibration_unseen, training_summary
 from destseg.scoring import TestOutputs, run_test_split
 from destseg.thresholds import decide, good_image_thresholds, in_force, record_measured, utc_now
 
@@ -184,27 +184,25 @@ def evaluate_run(run_dir: Path | str, data=None, device: str = "auto",
                          "image metrics (I-AUROC, image AP, detection and false-alarm rates) computed from labels")
     else:
         notes.append("no defect images in the test split: only the false-alarm rate is measured")
-        measured = good_image_thresholds(out.scores, out.maps, fpr, "good test images")
-    stored_image, _ = in_force(stored)
-    if stored_image is not None:
-        result["decisions"] = decision_rates(out.scores, labels, stored_image)
+        if adopt_thresholds:  # these good images become the calibration set (RUN/calibration.json)
+            measured = run.calibrate([s.path for s in index.test], out.scores, out.maps, fpr, "good test images")
+        else:
+            measured = good_image_thresholds(out.scores, out.maps, fpr, "good test images")
     measured.update(measured=utc_now(), test_data=index.name, engine=inf.engine)
     if adopt_thresholds:
-        if labels.any():
-            if measured.get("pixel") is None:  # no masks: the pixel threshold in force stays
-                measured["pixel"] = (stored or {}).get("pixel")
-            thresholds = run.write_thresholds(measured)
-        else:
-            thresholds = run.write_thresholds({**run.calibrate([s.path for s in index.test], out.scores, out.maps,
-                                                               fpr, "good test images"), "engine": inf.engine})
+        if labels.any() and measured.get("pixel") is None:  # no masks: the pixel threshold in force stays
+            measured["pixel"] = (stored or {}).get("pixel")
+        thresholds = run.write_thresholds(measured)
         notes.append("the thresholds measured on this split are now in force (--adopt-thresholds); the ones they "
                      "replaced are in thresholds-history/")
-        result["decisions"] = decision_rates(out.scores, labels, thresholds["image"])
     elif stored is not None:  # in force as they were (this engine's), the split's suggestion recorded beside
         record_measured(run.path, measured)
         thresholds = {**stored, "measured_on_test": measured}
     else:  # a run without thresholds: the only ones there are
         thresholds = run.write_thresholds(measured)
+    image_thr, _ = in_force(thresholds)
+    if image_thr is not None:  # the decisions the thresholds now in force make on this split
+        result["decisions"] = decision_rates(out.scores, labels, image_thr)
     result["thresholds"] = thresholds
     result["thresholds_measured"] = measured
     if notes:
@@ -252,8 +250,9 @@ def test_split(run: Run, data) -> tuple:
 
 
 def _held_out_good(run: Run) -> list[str]:
-    cal = run.calibration() or {}
-    if "held out" not in cal.get("what", "") or not all(Path(f).is_file() for f in cal.get("files", [])):
+    """The good images the run's thresholds were set on, where they were kept out of training and are here."""
+    cal = run.calibration()
+    if not cal or not calibration_unseen(cal) or not all(Path(f).is_file() for f in cal["files"]):
         return []
     return list(cal["files"])
 

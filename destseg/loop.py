@@ -105,6 +105,7 @@ class Loop:
         self.t_saved = time.time()  # last checkpoint (or start)
         self.log_file = open(run.path / "train.log", "a") if dist.main else open(os.devnull, "w")
         self.bar = None
+        self._pace_t0: float | None = None  # start of the steps a stage's pace is measured on
 
     def log(self, record: dict) -> None:
         self.log_file.write(json.dumps(record) + "\n")
@@ -197,11 +198,11 @@ class Loop:
 
     def _pace(self, stage, offset: int) -> None:
         """Once per stage, after its first few steps: the stage's pace and the expected wall time of the rest of
-        the plan at it (stderr, train.log, the progress bar's postfix)."""
+        the plan at it (stderr and train.log; the progress bar shows its own estimate)."""
         done = self.step - offset
         if done == self.PACE_FROM:
             self._pace_t0 = time.perf_counter()
-        elif done == self.PACE_FROM + self.PACE_STEPS and getattr(self, "_pace_t0", None) is not None:
+        elif done == self.PACE_FROM + self.PACE_STEPS and self._pace_t0 is not None:
             per_step = (time.perf_counter() - self._pace_t0) / self.PACE_STEPS
             left = self.total - self.step
             self._pace_t0 = None

@@ -149,6 +149,12 @@ class Run:
         atomic_write_text(self.path / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
+def calibration_unseen(calibration: dict) -> bool:
+    """Whether the good images of a calibration record were kept out of training (its ``unseen``; a record
+    written before that field existed says it in words: "(seen in training)")."""
+    return bool(calibration.get("unseen", "seen in training" not in calibration.get("what", "")))
+
+
 def typed_config(model_name: str, fields: dict, where) -> ModelConfig:
     """A run's saved config fields as the model's config dataclass (fields added since it was written
     take their defaults); a clear error when they no longer fit."""
