@@ -546,7 +546,8 @@ def _watch_parser(p) -> None:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--input", required=True, type=Path, help="folder to watch (recursively)")
     p.add_argument("--out", required=True, type=Path,
-                   help="results.csv (the journal: one row per image), skipped.csv, overlays/, masks/, drift.json")
+                   help="journal.sqlite (the journal: one row per image content) and its export results.csv, "
+                        "skipped.csv, overlays/, masks/, drift.json")
     p.add_argument("--once", action="store_true", help="score what is there and exit (for cron)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between scans of --input (default 1)")
     p.add_argument("--settle", type=float, default=1.0,
@@ -616,7 +617,7 @@ COMMANDS = {  # name: (help, arguments, action)
     "export": ("export a run to ONNX or OpenVINO: normalised images -> (anomaly map, score)", _export_parser,
                cmd_export),
     "serve": ("HTTP service and web page for a run: POST /predict, GET /health, GET /", _serve_parser, cmd_serve),
-    "watch": ("score every image that appears in a folder, exactly once (results.csv journal, drift check)",
+    "watch": ("score every image that appears in a folder, exactly once per content (journal, drift check)",
               _watch_parser, cmd_watch),
     "feedback": ("mark images as false alarms or missed defects (kept in RUN/feedback/)", _feedback_parser,
                  cmd_feedback),

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from destseg.data.images import IMAGE_EXTENSIONS, hw, is_image_file, read_rgb, resize_map, resize_rgb
+from destseg.data.images import IMAGE_EXTENSIONS, decode_rgb, hw, is_image_file, read_rgb, resize_map, resize_rgb
 from destseg.device import io_workers
 from destseg.distributed import Dist, barrier, init_distributed
 from destseg.errors import DestsegError, ImageError
@@ -100,19 +100,26 @@ def load_for_model(path: Path, size) -> tuple[Path, np.ndarray | None, str | Non
         return path, None, str(exc), (0, 0)
 
 
-def write_pngs(over_path: Path, mask_path: Path, source: Path, img: np.ndarray, amap: np.ndarray,
-               out_hw: tuple[int, int], pixel_thr: float) -> None:
+def write_pngs(over_path: Path, mask_path: Path, source: Path | bytes, img: np.ndarray, amap: np.ndarray,
+               out_hw: tuple[int, int], pixel_thr: float, sync: bool = False) -> None:
     """The overlay and mask PNGs at ``out_hw``. At another size than the model's, the map is resized
-    bilinearly and the overlay drawn over the input read again from ``source`` (a few batches of full-size
-    images are not kept in memory); should that read fail now, over the model-size copy scaled up."""
+    bilinearly and the overlay drawn over the input decoded again from ``source`` (its path, or the bytes that
+    were scored: a few batches of full-size images are not kept in memory); should that fail now, over the
+    model-size copy scaled up. ``sync``: each file is on disk (fsync) when this returns."""
     if amap.shape != out_hw:
         amap = resize_map(amap, out_hw)
         try:
-            img = resize_rgb(read_rgb(source), out_hw)  # no-op unless the file changed size meanwhile
+            full = decode_rgb(source, str(over_path)) if isinstance(source, bytes) else read_rgb(source)
+            img = resize_rgb(full, out_hw)  # no-op unless the file changed size meanwhile
         except ImageError:
             img = resize_rgb(Image.fromarray(img), out_hw)
-    Image.fromarray(threshold_overlay(img, amap, pixel_thr)).save(over_path)
-    Image.fromarray(threshold_mask(amap, pixel_thr)).save(mask_path)
+    for path, pixels in ((over_path, threshold_overlay(img, amap, pixel_thr)),
+                         (mask_path, threshold_mask(amap, pixel_thr))):
+        with open(path, "wb") as f:
+            Image.fromarray(pixels).save(f, format="PNG")
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def _named(paths: Iterable[Path], base: Path) -> Iterator[tuple[int, Path, Path]]:

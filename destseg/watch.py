@@ -1,28 +1,29 @@
-"""``destseg watch``: score every image that appears in a folder (recursively) exactly once.
+"""``destseg watch``: score every image that appears in a folder (recursively), exactly once per content.
 
-The journal is OUT/results.csv itself: one row per scored image (file, score, decision, threshold, time,
-overlay, mask), appended per batch in one write and synced, after the batch's PNGs are on disk. On start the
-rows already there are the images already scored (a row cut by a kill is dropped and its image scored again,
-its PNGs rewritten), so a restart, Ctrl-C or kill -9 neither loses nor repeats an image. OUT/skipped.csv lists
-the files given up on, with the reason, the same way.
+The journal is OUT/journal.sqlite (destseg.journal): one row per image content (its SHA-256) scored or given up
+on, written in one transaction per batch after the batch's PNGs are on disk and synced. On start it says what is
+done, so a restart, Ctrl-C or kill -9 neither loses nor repeats an image. OUT/results.csv and OUT/skipped.csv are
+its readable exports.
 
-Each scan lists every folder but looks only at the names it has not met before (per folder, the names
-already scored or of no interest are kept), so a folder that has gathered weeks of scored images costs little
-more than its listing (docs/BENCHMARKS.md, "destseg watch": 50,000 scored images, 36 ms of CPU a scan).
+A file is known by its content, not its name: a file name is read (and hashed) when it is new, or when its size,
+modification time or inode differ from when its content was last recorded (another file renamed over it, or it
+was rewritten, while ``watch`` ran or was stopped). A content met before, under any name, is not scored again.
+Each scan lists every folder but looks only at the names it has not met before (per folder, the names already
+done or of no interest are kept), so a folder that has gathered weeks of scored images costs little more than
+its listing (docs/BENCHMARKS.md, "destseg watch"); every ``FULL_CHECK_S`` seconds a scan also stats the names
+done, to notice those rewritten in place.
 
 A file is scored once it has stopped changing (size and modification time the same over ``settle_s``, or
-last modified longer ago than that). One that does not decode yet (a camera still writing it) is tried again
-on later scans; only when it has been unchanged for ``retry_s`` and still does not decode is it skipped as
-unreadable. ``once``: score what is ready and exit (for cron); files still being written are left for the
-next run. The thresholds are read again when RUN/thresholds.json changes (``destseg recalibrate``), and every
-batch updates the drift check (destseg.drift) in OUT/drift.json and OUT/watch.log.
+last modified longer ago than that). One that does not decode (a camera still writing it) is tried again at
+each scan until ``retry_s`` seconds after its first failure, then given up on (skipped.csv). ``once``: score
+what is ready and exit (for cron); files still being written are left for the next run. The thresholds are
+read again before each batch when RUN/thresholds.json changed (``destseg recalibrate``), and every batch updates
+the drift check (destseg.drift) in OUT/drift.json and OUT/watch.log.
 """
 
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
 import json
 import os
 import signal
@@ -30,20 +31,20 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from destseg.checkpoint import atomic_write_text
-from destseg.data.images import IMAGE_EXTENSIONS, hw
+from destseg.data.images import IMAGE_EXTENSIONS, decode_rgb, hw, resize_rgb
 from destseg.device import io_workers
 from destseg.drift import DriftMonitor
-from destseg.errors import DestsegError
+from destseg.errors import DestsegError, ImageError
 from destseg.infer import Detector
-from destseg.predict import load_for_model, write_pngs
+from destseg.journal import RESULT_COLUMNS as COLUMNS, Journal, sha256_of, stat_key
+from destseg.predict import write_pngs
 from destseg.thresholds import in_force, utc_now
 
-COLUMNS = ["file", "score", "decision", "threshold", "time", "overlay", "mask"]
+FULL_CHECK_S = 10.0  # how often a scan also stats the names already done (rewritten in place?)
 
 
 @dataclass
@@ -56,76 +57,37 @@ class _Seen:
 @dataclass
 class _Folder:
     """The names in one input folder that the last scan sorted out for good."""
-    done: set[str] = field(default_factory=set)  # images scored or skipped
+    done: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # content recorded: (size, mtime_ns, inode)
     other: set[str] = field(default_factory=set)  # hidden files, not images, links to folders, OUT
     folders: set[str] = field(default_factory=set)  # subfolders, scanned in turn
 
 
-class Journal:
-    """A CSV file of rows appended per batch; the files it names are done. Memory holds the names of the
-    files done and the last ``tail`` rows, not every row."""
-
-    def __init__(self, path: Path, columns: list[str], tail: int = 0):
-        self.path, self.columns = path, columns
-        self.count = 0
-        self.files: set[str] = set()
-        self.tail: deque[dict] = deque(maxlen=tail)
-        if path.is_file() and path.stat().st_size:  # a file of another program is refused before a byte changes
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), None)
-            if header != columns:
-                raise DestsegError(f"{path}: not written by `destseg watch` (columns {header}, expected "
-                                   f"{columns}); choose another --out")
-            _drop_cut_line(path)
-        if not path.is_file() or path.stat().st_size == 0:
-            self._write(",".join(columns) + "\n")
-            return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                self._keep(row)
-
-    def _keep(self, row: dict) -> None:
-        self.count += 1
-        self.files.add(row["file"])
-        self.tail.append(row)
-
-    def append(self, rows: list[dict]) -> None:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        for r in rows:
-            writer.writerow([r[c] for c in self.columns])
-        self._write(buf.getvalue())
-        for r in rows:
-            self._keep(r)
-
-    def forget_except(self, present: set[str]) -> None:
-        """Drop from memory the names of files no longer in the input (a camera folder is cleaned out; a
-        file written again later under the same name is then a new image and is scored)."""
-        self.files &= present
-
-    def forget(self, name: str) -> None:
-        """:meth:`forget_except` for one file that is gone."""
-        self.files.discard(name)
-
-    def _write(self, text: str) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            left = memoryview(text.encode())
-            while left:  # a short write (a nearly full disk) goes on where it stopped; a full one raises
-                left = left[os.write(fd, left):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+@dataclass
+class _Loaded:
+    """One file read for scoring: its bytes' hash and stat, and the image (or why it does not decode)."""
+    rel: str
+    data: bytes = b""
+    sha: str = ""
+    key: tuple[int, int, int] = (0, 0, 0)
+    img: object = None
+    in_hw: tuple[int, int] = (0, 0)
+    error: str | None = None
 
 
-def _drop_cut_line(path: Path) -> None:
-    """Truncate a file after its last newline: the line a kill cut short."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            os.fsync(f.fileno())
+def _load(path: Path, rel: str, size) -> _Loaded:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            key = stat_key(os.fstat(f.fileno()))
+    except OSError as exc:
+        return _Loaded(rel, error=f"{path}: {exc.strerror or exc}")
+    item = _Loaded(rel, data, sha256_of(data), key)
+    try:
+        img = decode_rgb(data, str(path))
+        item.img, item.in_hw = resize_rgb(img, size), (img.height, img.width)
+    except ImageError as exc:
+        item.error = str(exc)
+    return item
 
 
 def output_name(rel: str) -> str:
@@ -148,18 +110,18 @@ class Watcher:
         self.batch_size, self.settle_s, self.retry_s, self.output_size = batch_size, settle_s, retry_s, output_size
         self.log = log
         self.stop: threading.Event | None = None  # set by Ctrl-C: stop between batches
-        self.results = Journal(out / "results.csv", COLUMNS, tail=drift_window)
-        self.skipped = Journal(out / "skipped.csv", ["file", "reason", "time"], tail=1)
+        self.journal = Journal(out, input_dir)
         self.seen: dict[str, _Seen] = {}
         self.failed: dict[str, tuple[str, float]] = {}  # file -> (why it did not decode, first failure)
         self.folders: dict[str, _Folder] = {}  # 'sub/dir/' (or '' for --input) -> what the last scan found
+        self.full_check_s, self.last_full_check = FULL_CHECK_S, time.monotonic()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="destseg-watch") if workers > 0 else None
         self.thresholds_mtime = None
         self._reload_thresholds()
         calibration = detector.calibration  # the good images' scores by the engine that decides here
         self.drift = DriftMonitor(calibration["scores"] if calibration else [], window=drift_window)
-        for row in self.results.tail:
-            self.drift.add(float(row["score"]))
+        for score in self.journal.last_scores(drift_window):
+            self.drift.add(score)
         self.drift_state = self.drift.state()["state"]
 
     def _reload_thresholds(self) -> None:
@@ -179,21 +141,21 @@ class Watcher:
 
     def scan(self) -> tuple[list[str], int]:
         """(files ready to score, files still settling or retrying). Each folder is listed, but only the names
-        not met before are looked at: a scan costs little more than the listing, however many images the
-        folder already holds (the names of a folder's scored files are kept per folder, see _Folder)."""
+        not met before are looked at (and, every ``full_check_s`` seconds, the stat of the names done): a scan
+        costs little more than the listing, however many images the folder already holds."""
         now, wall = time.monotonic(), time.time()
-        ready, pending, first = [], set(), not self.folders
-        self._scan_folder("", ready, pending, now, wall)
-        if first:  # files scored in an earlier run that are gone now: a new file under that name is new
-            present = {prefix + name for prefix, f in self.folders.items() for name in f.done}
-            self.results.forget_except(present)
-            self.skipped.forget_except(present)
+        full = now - self.last_full_check >= self.full_check_s
+        if full:
+            self.last_full_check = now
+        ready, pending = [], set()
+        self._scan_folder("", ready, pending, now, wall, full)
         for gone in set(self.seen) - pending:
             del self.seen[gone]
             self.failed.pop(gone, None)
         return ready, len(pending) - len(ready)
 
-    def _scan_folder(self, prefix: str, ready: list[str], pending: set[str], now: float, wall: float) -> bool:
+    def _scan_folder(self, prefix: str, ready: list[str], pending: set[str], now: float, wall: float,
+                     full: bool) -> bool:
         """One folder (``prefix``: its path below the input, with a trailing /, or ''), then its subfolders;
         False if it is no longer a folder."""
         path = os.path.join(self.input_dir, prefix)
@@ -203,30 +165,35 @@ class Watcher:
             self._forget_folder(prefix)
             return False
         f = self.folders.setdefault(prefix, _Folder())
-        for name in f.done - names:  # a scored file removed: the same name written again is a new image
-            self.results.forget(prefix + name)
-            self.skipped.forget(prefix + name)
         for name in f.folders - names:
             self._forget_folder(prefix + name + "/")
-        f.done &= names
+        for name in f.done.keys() - names:  # removed: a file written later under this name is read again
+            del f.done[name]
         f.other &= names
         f.folders &= names
-        for name in sorted(names - f.done - f.other - f.folders):
-            full, rel = os.path.join(path, name), prefix + name
-            if os.path.isdir(full):
+        if full:  # rewritten in place, or replaced by another file: its content is looked at again
+            for name, key in list(f.done.items()):
+                try:
+                    if stat_key(os.stat(os.path.join(path, name))) != key:
+                        del f.done[name]
+                except OSError:
+                    del f.done[name]
+        for name in sorted(names - f.done.keys() - f.other - f.folders):
+            full_path, rel = os.path.join(path, name), prefix + name
+            if os.path.isdir(full_path):
                 # not into links (as os.walk) nor into OUT (inside --input, its overlays would come back)
-                inside = not os.path.islink(full) and Path(full).resolve() != self.out_resolved
+                inside = not os.path.islink(full_path) and Path(full_path).resolve() != self.out_resolved
                 (f.folders if inside else f.other).add(name)
                 continue
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 f.other.add(name)
                 continue
-            if rel in self.results.files or rel in self.skipped.files:
-                f.done.add(name)
-                continue
             try:
-                st = os.stat(full)
+                st = os.stat(full_path)
             except OSError:  # gone between the listing and the stat
+                continue
+            if self.journal.known(rel, stat_key(st)):  # its content is recorded, and it has not changed since
+                f.done[name] = stat_key(st)
                 continue
             pending.add(rel)
             seen = self.seen.get(rel)
@@ -238,26 +205,43 @@ class Watcher:
                 continue
             if rel in self.failed and now - self.failed[rel][1] >= self.retry_s:  # unreadable for --retry seconds
                 pending.discard(rel)
-                self.skipped.append([{"file": rel, "reason": self.failed.pop(rel)[0], "time": utc_now()}])
-                self.log(f"destseg watch: skipped {rel}: {self.skipped.tail[-1]['reason']}", file=sys.stderr)
-                f.done.add(name)
+                self._give_up(rel, full_path, f, name)
                 continue
             ready.append(rel)
         for name in sorted(f.folders):
-            if not self._scan_folder(prefix + name + "/", ready, pending, now, wall):
+            if not self._scan_folder(prefix + name + "/", ready, pending, now, wall, full):
                 f.folders.discard(name)  # looked at afresh next time
         return True
 
+    def _give_up(self, rel: str, full_path: str, f: _Folder, name: str) -> None:
+        """Record a file that did not decode for --retry seconds in skipped (by its content, so that a changed
+        file is tried again)."""
+        reason = self.failed.pop(rel)[0]
+        item = _load(Path(full_path), rel, self.det.config.image_size)
+        if not item.sha:  # not even readable: keyed by its name and modification time
+            try:
+                item.key = stat_key(os.stat(full_path))
+            except OSError:
+                return  # gone meanwhile
+            item.sha = f"unreadable:{rel}:{item.key[1]}"
+        names = [(rel, item.sha, *item.key)]
+        if self.journal.content(item.sha) is None:
+            self.journal.record(skipped=[{"file": rel, "sha256": item.sha, "reason": reason, "time": utc_now()}],
+                                names=names)
+            self.log(f"destseg watch: skipped {rel}: {reason}", file=sys.stderr)
+        else:
+            self.journal.record(names=names)
+        f.done[name] = item.key
+
     def _forget_folder(self, prefix: str) -> None:
-        """A folder that is gone: its files and subfolders are forgotten."""
+        """A folder that is gone: what was found in it and below is forgotten."""
         for key in [k for k in self.folders if k.startswith(prefix)]:
-            for name in self.folders.pop(key).done:
-                self.results.forget(key + name)
-                self.skipped.forget(key + name)
+            del self.folders[key]
 
     def score(self, files: list[str]) -> int:
         """Score ``files`` in batches, each under the thresholds in force when it starts (a recalibration is taken
-        up by the next batch); returns how many were scored (the rest failed to decode)."""
+        up by the next batch); returns how many were scored (the rest failed to decode, or held a content
+        already scored)."""
         size = self.det.config.image_size
         done = 0
         for i in range(0, len(files), self.batch_size):
@@ -265,52 +249,69 @@ class Watcher:
                 break
             self._reload_thresholds()
             chunk = files[i:i + self.batch_size]
-            paths = [self.input_dir / rel for rel in chunk]
-            loaded = list(self.pool.map(lambda p: load_for_model(p, size), paths)) if self.pool else \
-                [load_for_model(p, size) for p in paths]
-            good = []
-            for rel, (_, img, error, in_hw) in zip(chunk, loaded):
-                if error is None:
-                    good.append((rel, img, in_hw))
+            load = lambda rel: _load(self.input_dir / rel, rel, size)  # noqa: E731
+            loaded = list(self.pool.map(load, chunk)) if self.pool else [load(rel) for rel in chunk]
+            good, names, batch_shas = [], [], set()
+            for item in loaded:
+                known = self.journal.content(item.sha) if item.sha else None
+                if known is not None or item.sha in batch_shas:  # a content met before: its name is recorded
+                    names.append((item.rel, item.sha, *item.key))
+                    first = known["file"] if known else "another file of this batch"
+                    self.log(f"destseg watch: {item.rel}: same content as {first}, not scored again")
+                elif item.error is None:
+                    good.append(item)
+                    batch_shas.add(item.sha)
                 else:  # tried again at each scan (every --interval) until --retry seconds after the first failure
-                    self.failed[rel] = (error, self.failed.get(rel, (None, time.monotonic()))[1])
-            if not good:
-                continue
-            preds = self.det.predict_batch([img for _, img, _ in good], threshold=self.image_thr)
-            jobs, rows = [], []
-            for (rel, img, in_hw), pred in zip(good, preds):
-                name = output_name(rel)
-                over, mask = self.out / "overlays" / name, self.out / "masks" / name
-                over.parent.mkdir(parents=True, exist_ok=True)
-                mask.parent.mkdir(parents=True, exist_ok=True)
-                out_hw = in_hw if self.output_size == "input" else hw(size)
-                jobs.append((over, mask, self.input_dir / rel, img, pred.map, out_hw, self.pixel_thr))
-                rows.append({"file": rel, "score": f"{pred.score:.9g}", "decision": "defect" if pred.is_defect else "ok",
-                             "threshold": f"{self.image_thr:.9g}", "time": utc_now(),
-                             "overlay": f"overlays/{name}", "mask": f"masks/{name}"})
-            if self.pool:
-                list(self.pool.map(lambda job: write_pngs(*job), jobs))
-            else:
-                for job in jobs:
-                    write_pngs(*job)
-            self.results.append(rows)  # the journal entry, once the PNGs are on disk
+                    self.failed[item.rel] = (item.error, self.failed.get(item.rel, (None, time.monotonic()))[1])
+            rows = []
+            if good:
+                rows = self._score_batch(good, size)
+                names += [(g.rel, g.sha, *g.key) for g in good]
+            if names:
+                self.journal.record(scored=rows, names=names)  # the batch, once its PNGs are on disk
+            for rel, *_ in names:
+                self.seen.pop(rel, None)
             for r in rows:
-                self.seen.pop(r["file"], None)
                 if r["decision"] == "defect":  # each defect decision as it happens, once it is journalled
-                    self.log(f"destseg watch: DEFECT {r['file']} score {float(r['score']):.4g} >= threshold "
-                             f"{float(r['threshold']):.4g} (overlay {r['overlay']})", flush=True)
-            for pred in preds:
-                self.drift.add(pred.score)
-            self._report_drift(len(rows), sum(r["decision"] == "defect" for r in rows))
+                    self.log(f"destseg watch: DEFECT {r['file']} score {r['score']:.4g} >= threshold "
+                             f"{r['threshold']:.4g} (overlay {r['overlay']})", flush=True)
+            if rows:
+                self._report_drift(len(rows), sum(r["decision"] == "defect" for r in rows))
             done += len(rows)
         return done
+
+    def _score_batch(self, good: list[_Loaded], size) -> list[dict]:
+        """Predict, write and sync the PNGs; the journal rows."""
+        preds = self.det.predict_batch([g.img for g in good], threshold=self.image_thr)
+        jobs, rows = [], []
+        for g, pred in zip(good, preds):
+            name = output_name(g.rel)
+            if self.journal.overlay_taken(f"overlays/{name}"):  # the same name held another content before
+                name = f"{g.rel}.{g.sha[:12]}.png"
+            over, mask = self.out / "overlays" / name, self.out / "masks" / name
+            over.parent.mkdir(parents=True, exist_ok=True)
+            mask.parent.mkdir(parents=True, exist_ok=True)
+            out_hw = g.in_hw if self.output_size == "input" else hw(size)
+            jobs.append((over, mask, g.data, g.img, pred.map, out_hw, self.pixel_thr, True))
+            rows.append({"file": g.rel, "sha256": g.sha, "score": float(pred.score),
+                         "decision": "defect" if pred.is_defect else "ok", "threshold": float(self.image_thr),
+                         "engine": self.det.engine, "time": utc_now(), "overlay": f"overlays/{name}",
+                         "mask": f"masks/{name}"})
+        if self.pool:
+            list(self.pool.map(lambda job: write_pngs(*job), jobs))
+        else:
+            for job in jobs:
+                write_pngs(*job)
+        for pred in preds:
+            self.drift.add(pred.score)
+        return rows
 
     def _report_drift(self, n: int, n_defect: int) -> None:
         state = self.drift.state()
         atomic_write_text(self.out / "drift.json", json.dumps(state, indent=1) + "\n")
         with open(self.out / "watch.log", "a") as f:
             f.write(json.dumps({"time": utc_now(), "engine": self.det.engine, "scored": n, "defect": n_defect,
-                                "total": self.results.count, "drift": state}) + "\n")
+                                "total": self.journal.count(), "drift": state}) + "\n")
         if state["state"] != self.drift_state:
             if state["state"] == "warning":
                 self.log(f"destseg watch: DRIFT WARNING: {state['above']} of the last {state['window']} scores "
@@ -323,6 +324,7 @@ class Watcher:
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(wait=True)
+        self.journal.close()
 
 
 def _check(input_dir: Path, interval: float, settle_s: float, retry_s: float, batch_size: int,
@@ -376,7 +378,7 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:          # SIGINT too: started in the background (`destseg watch &` from a script) it
         signal.signal(sig, stop)  # inherits SIGINT ignored; training stops too
-    before = watcher.results.count
+    before = watcher.journal.count()
     print(f"destseg watch: {input_dir} -> {out}/results.csv ({before} images already scored; threshold "
           f"{watcher.image_thr:.4g}, decided by {detector.engine}; {'once' if once else 'Ctrl-C stops'})", flush=True)
     try:
@@ -384,11 +386,13 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
             ready, waiting = watcher.scan()
             n = watcher.score(ready) if ready else 0
             if n:
-                print(f"destseg watch: {n} scored, {watcher.results.count} in all; drift "
+                print(f"destseg watch: {n} scored, {watcher.journal.count()} in all; drift "
                       f"{watcher.drift_state}", flush=True)
+            not_yet = sum(rel in watcher.failed for rel in ready)  # did not decode this time
+            if len(ready) > not_yet:
                 continue  # scan again at once: more may have come meanwhile
             if once:
-                left = waiting + len(ready)  # nothing of ready decoded this time
+                left = waiting + not_yet
                 if left:
                     print(f"destseg watch: {left} file(s) still being written or not readable yet: left for "
                           "the next run", flush=True)
@@ -399,10 +403,10 @@ def watch(run_dir, input_dir, out, once: bool = False, interval: float = 1.0, se
     except KeyboardInterrupt:
         print("destseg watch: stopped; run it again to go on where it stopped", file=sys.stderr)
     finally:
+        scored, skipped = watcher.journal.count() - before, watcher.journal.count("skipped")
         watcher.close()
         lock.close()
         for sig, handler in previous.items():  # the caller's handlers back (the API, a test process)
             signal.signal(sig, handler)
-    print(f"destseg watch: {watcher.results.count - before} images scored in this run, "
-          f"{watcher.skipped.count} skipped in all", flush=True)
+    print(f"destseg watch: {scored} images scored in this run, {skipped} skipped in all", flush=True)
     return 0

@@ -23,6 +23,7 @@ from destseg.infer import Detector
 from destseg.models import model_config
 from destseg.thresholds import threshold_history
 from destseg.train import DataSource, TrainOptions, train
+from destseg.journal import stat_key
 from destseg.watch import COLUMNS as WATCH_COLUMNS, Watcher
 
 from conftest import make_mvtec, needs_chromium, normal_image, served_page
@@ -86,7 +87,9 @@ def test_watch_scores_every_file_exactly_once_across_a_kill_9(line_run, tmp_path
     def camera():  # drops files in as a camera would, written to a hidden name and renamed
         for i, name in enumerate(names):
             tmp = inp / f".{i}.tmp"
-            Image.fromarray(images[i % len(images)]).save(tmp, format="PNG")
+            img = images[i % len(images)].copy()
+            img[0, 0] = (i % 256, i // 256, 7)  # every file a content of its own
+            Image.fromarray(img).save(tmp, format="PNG")
             os.replace(tmp, inp / name)
             time.sleep(0.002)
 
@@ -198,10 +201,14 @@ def test_watch_scan_looks_only_at_new_names_and_notices_what_goes_and_comes(line
     out.mkdir()
     det = Detector.load(line_run, backend="torch", precision="fp32")
     w = Watcher(det, inp, out, 4, 0.0, 30.0, "input", 0, 10)
+    w.full_check_s = float("inf")  # the periodic stat of the names done: checked at the end
 
-    def score_all():
+    def score_all():  # scoring simulated: each file's journal entry under a content key of its own
         ready, waiting = w.scan()
-        w.results.append([{c: "0" for c in WATCH_COLUMNS} | {"file": rel} for rel in ready])
+        rows = [{c: "0" for c in WATCH_COLUMNS} | {"file": rel, "sha256": f"{rel}@{os.stat(inp / rel).st_mtime_ns}",
+                                                   "score": 0.0} for rel in ready]
+        w.journal.record(scored=rows, names=[(r["file"], r["sha256"], *stat_key(os.stat(inp / r["file"])))
+                                             for r in rows])
         return sorted(ready), waiting
 
     for i in range(1000):
@@ -220,7 +227,7 @@ def test_watch_scan_looks_only_at_new_names_and_notices_what_goes_and_comes(line
         sys.setprofile(None)
     assert again == ([], 0) and len(calls) < 100, len(calls)
     (inp / "a" / "new.png").write_bytes(b"")  # a new image in a folder already done
-    (inp / "x.png").unlink()  # removed, and later written again under the same name: a new image
+    (inp / "x.png").unlink()  # removed, and later written again under the same name: read again
     shutil.rmtree(inp / "a" / "b")  # the same for a folder
     assert score_all() == (["a/new.png"], 0)
     (inp / "x.png").write_bytes(b"")
@@ -230,13 +237,22 @@ def test_watch_scan_looks_only_at_new_names_and_notices_what_goes_and_comes(line
     shutil.rmtree(inp / "a" / "b")  # a folder replaced by an image of the same name
     (inp / "a" / "b").write_bytes(b"")
     assert w.scan() == ([], 0)  # 'b' is not an image name: nothing to score, and no error
-    w.close()
-    # a restart: the journal's files that are gone are forgotten, so a file written later under that name is new
-    (inp / "a" / "y.png").unlink()
-    w = Watcher(det, inp, out, 4, 0.0, 30.0, "input", 0, 10)
+    # a file rewritten in place, and another renamed over a done name, while watch runs: noticed by the next
+    # periodic stat of the names done, not before
+    (inp / "a" / "many0001.png").write_bytes(b"new")
+    (inp / "a" / "other.tmp").write_bytes(b"")
+    os.replace(inp / "a" / "other.tmp", inp / "a" / "many0002.png")
     assert w.scan() == ([], 0)
+    w.full_check_s = 0.0
+    assert score_all() == (["a/many0001.png", "a/many0002.png"], 0)
+    w.close()
+    # a restart: names unchanged are not read again; a file gone and written later under that name is
+    (inp / "a" / "y.png").unlink()
+    (inp / "a" / "many0003.png").write_bytes(b"rewritten while watch was stopped")
+    w = Watcher(det, inp, out, 4, 0.0, 30.0, "input", 0, 10)
+    assert w.scan() == (["a/many0003.png"], 0)
     (inp / "a" / "y.png").write_bytes(b"")
-    assert w.scan() == (["a/y.png"], 0)
+    assert w.scan() == (["a/many0003.png", "a/y.png"], 0)
     w.close()
 
 

@@ -2,6 +2,7 @@
 STFPM's thresholds from images that did not pick its weights, one comparison for every decision, and a time
 budget that survives a kill and can be changed on resume."""
 
+import csv
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from conftest import make_mvtec, normal_image
 from destseg.checkpoint import load_checkpoint, save_checkpoint
 from destseg.infer import Detector
+from destseg.journal import sha256_of, stat_key
 from destseg.loop import logged_elapsed
 from destseg.models import model_config
 from destseg.thresholds import decide
@@ -89,6 +91,7 @@ from pathlib import Path
 from destseg.engine_thresholds import engine_file
 from destseg.feedback import recalibrate
 from destseg.infer import Detector
+from destseg.journal import sha256_of, stat_key
 from destseg.predict import run_predict
 from destseg.scoring import score_files
 from destseg.thresholds import conformal_threshold
@@ -150,17 +153,33 @@ def test_watch_output_names_are_unique_per_input():
 
 def test_watch_refuses_a_foreign_journal_before_changing_a_byte(tmp_path):
     from destseg.errors import DestsegError
-    from destseg.watch import COLUMNS, Journal
+    from destseg.journal import OLD_RESULT_COLUMNS, Journal
 
-    foreign = tmp_path / "results.csv"
-    foreign.write_bytes(b"part,verdict\n001,ok\n002,defe")  # another program's file, last line unfinished
-    before = foreign.read_bytes()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.csv").write_bytes(b"part,verdict\n001,ok\n002,defe")  # another program's, last line cut
+    before = (foreign / "results.csv").read_bytes()
     with pytest.raises(DestsegError, match="not written by `destseg watch`"):
-        Journal(foreign, COLUMNS)
-    assert foreign.read_bytes() == before
-    ours = tmp_path / "ours.csv"
-    ours.write_text(",".join(COLUMNS) + "\n" + "a.png,0.1,ok,0.5,t,o,m\nb.png,0.")  # a row cut by a kill
-    assert Journal(ours, COLUMNS).files == {"a.png"} and ours.read_text().endswith("o,m\n")
+        Journal(foreign, tmp_path)
+    assert (foreign / "results.csv").read_bytes() == before and sorted(p.name for p in foreign.iterdir()) == \
+        ["results.csv"]
+    other_db = tmp_path / "db"
+    other_db.mkdir()
+    (other_db / "journal.sqlite").write_bytes(b"SQLite format 3\x00" + bytes(100))  # not ours
+    with pytest.raises(DestsegError, match="journal.sqlite"):
+        Journal(other_db, tmp_path)
+    # the CSV journal of destseg 0.3 is taken over: its rows kept, a row cut by a kill dropped
+    ours, inp = tmp_path / "ours", tmp_path / "in"
+    ours.mkdir()
+    inp.mkdir()
+    (inp / "a.png").write_bytes(b"a's bytes")
+    (ours / "results.csv").write_text(",".join(OLD_RESULT_COLUMNS) + "\n" + "a.png,0.1,ok,0.5,t,o,m\nb.png,0.")
+    j = Journal(ours, inp)
+    assert j.count() == 1 and j.content(sha256_of(b"a's bytes"))["file"] == "a.png"
+    assert j.known("a.png", stat_key((inp / "a.png").stat()))
+    j.close()
+    rows = list(csv.DictReader(open(ours / "results.csv")))
+    assert [(r["file"], r["score"], r["overlay"]) for r in rows] == [("a.png", "0.1", "o")]
 
 
 def test_watch_tries_an_old_undecodable_file_again_until_retry_seconds_after_its_first_failure(data, tmp_path):
@@ -188,12 +207,12 @@ def test_watch_tries_an_old_undecodable_file_again_until_retry_seconds_after_its
     w = Watcher(det, inp, out, 4, settle_s=1.0, retry_s=2.0, output_size="model", workers=0, drift_window=20)
     ready, _ = w.scan()
     assert sorted(ready) == ["bad.png", "late.png"] and w.score(ready) == 0
-    assert w.skipped.count == 0 and set(w.failed) == {"bad.png", "late.png"}
+    assert w.journal.count("skipped") == 0 and set(w.failed) == {"bad.png", "late.png"}
     Image.fromarray(normal_image(np.random.default_rng(5))).save(good)  # now it decodes
     os.utime(good, (time.time() - 3600, time.time() - 3600))
     ready, _ = w.scan()
-    assert w.score(ready) == 1 and w.results.files == {"late.png"} and w.skipped.count == 0
+    assert w.score(ready) == 1 and w.journal.count() == 1 and w.journal.count("skipped") == 0
     time.sleep(2.1)
     ready, _ = w.scan()
-    assert ready == [] and [r["file"] for r in w.skipped.tail] == ["bad.png"]
+    assert ready == [] and w.journal.last_skipped()["file"] == "bad.png"
     w.close()
