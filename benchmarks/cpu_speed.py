@@ -36,6 +36,7 @@ from destseg.memory import heap_kept
 from destseg.models import build_model, model_config
 from destseg.models.backbones import ResNet18
 from destseg.models.common import fold_batchnorm
+from destseg.openvino_ir import import_nncf
 from flops import count, measured_peak_gflops  # benchmarks/flops.py, beside this script
 from speed import images_per_s  # benchmarks/speed.py, beside this script
 
@@ -128,8 +129,7 @@ def inference_rates(config, warmup: int, iters: int, int8: bool, yard: Yardstick
         compiled = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", **threads})
         rates["openvino bf16"] = yard.interleaved(lambda: images_per_s(lambda: compiled(xn), BATCH, warmup, iters))
     if int8:
-        import nncf
-
+        nncf = import_nncf()
         calibration = [torch.randn(1, 3, 256, 256).numpy() for _ in range(16)]
         quantized = nncf.quantize(ir, nncf.Dataset(calibration), subset_size=16)
         compiled = core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads})
@@ -197,7 +197,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     try:
-        import nncf  # noqa: F401
+        import_nncf()
         int8 = not args.no_int8
     except ImportError:
         int8 = False

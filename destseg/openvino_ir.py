@@ -33,6 +33,29 @@ IR_NAME = "model.xml"
 SOURCE_NAME = "source.json"  # beside a cached IR: the checkpoint it was made from
 
 
+@contextlib.contextmanager
+def no_telemetry():
+    """OpenVINO's converter and NNCF send usage data to Intel unless told they run in CI: destseg does not let
+    them (offline, their sender held the process at exit). Both read the opt-out (``CI=true``) when they make
+    their telemetry object (NNCF on import, the converter per call), so it is set for that moment only."""
+    before = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = before
+
+
+def import_nncf():
+    """NNCF, imported with its telemetry off; ImportError where it is not installed."""
+    with no_telemetry():
+        import nncf
+    return nncf
+
+
 def _ov():
     try:
         import openvino
@@ -52,7 +75,8 @@ def export_openvino(run_dir: Path | str, out_dir: Path | str, all_maps: bool = F
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         onnx_path = export_onnx(run_dir, Path(tmp) / "model.onnx", all_maps=all_maps)
         try:
-            model = ov.convert_model(str(onnx_path))
+            with no_telemetry():
+                model = ov.convert_model(str(onnx_path))
         except Exception as exc:  # the converter's own error classes (ovc Error, OpConversionFailure)
             raise export_failed(run_dir, "OpenVINO conversion of its ONNX graph", exc) from exc
         ir_dir = Path(tmp) / "ir"
@@ -97,7 +121,7 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
     from destseg.run import Run
 
     try:
-        import nncf
+        nncf = import_nncf()
     except ImportError:
         raise DestsegError("--precision int8 needs NNCF for the quantisation: pip install 'destseg[int8]'") from None
     run = Run(run_dir)
@@ -231,7 +255,7 @@ def auto_int8(run_dir: Path | str, model_name: str) -> bool:
     why = "this CPU has no native bf16, where this model runs fastest in int8, but "
     fp32 = "; running it in fp32 (--precision fp32 chooses that without this warning)"
     try:
-        import nncf  # noqa: F401
+        import_nncf()
     except ImportError:
         warnings.warn(why + "NNCF, which makes the int8 copy, is not installed (pip install 'destseg[int8]')" + fp32,
                       stacklevel=3)

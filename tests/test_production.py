@@ -5,6 +5,7 @@ import os
 import shutil
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from destseg.models import model_config
 from destseg.train import DataSource, TrainOptions, train
 
 from conftest import make_mvtec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -673,3 +676,37 @@ def test_test_json_stays_json_while_int8_is_made(tiny_run, capsys):
     assert json.loads(out)["precision"] == "openvino int8"
     assert "quantising" in err and "Statistics collection" in err
     assert logging.getLogger("nncf").level == level  # put back
+
+
+TELEMETRY_PROBE = """
+import os, sys
+from destseg.openvino_ir import import_nncf, no_telemetry
+from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+if sys.argv[1] == "destseg":
+    import_nncf()
+    with no_telemetry():
+        ovc = init_ovc_telemetry()
+else:  # the control: as the libraries behave on their own
+    import nncf  # noqa: F401
+    ovc = init_ovc_telemetry()
+from nncf.telemetry.wrapper import telemetry
+print(telemetry._impl.consent, ovc.consent, os.environ.get("CI"))
+"""
+
+
+def test_openvino_and_nncf_send_no_usage_data_from_destseg(tmp_path):
+    """Outside CI, with no opt-out on the machine, OpenVINO's converter and NNCF would send usage data to Intel
+    (offline, their sender held the process at exit); through destseg they do not, and CI is left unset."""
+    pytest.importorskip("nncf")
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))  # no consent file of this machine's user
+    got = {}
+    for who in ("libraries", "destseg"):
+        r = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE, who], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        got[who] = r.stdout.split()
+    assert got["libraries"][:2] == ["True", "True"]  # the control: they would send
+    assert got["destseg"] == ["False", "False", "None"]
