@@ -94,3 +94,43 @@ def test_training_with_device_synthesis_is_reproducible(tmp_path, tiny_mvtec, mo
         states.append(load_checkpoint(run / "checkpoint.pt")["model_state"])
         assert json.loads((run / "config.json").read_text())["resolved"]["synthesis"] == "batched on cpu"
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def product_scene(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """A dark bar (the product, at a random angle and place) on a light, slightly noisy background; float [0, 1]."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cy, cx, angle = rng.uniform(size * 0.3, size * 0.7, 2).tolist() + [rng.uniform(0, np.pi)]
+    along = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    across = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    bar = (np.abs(along) < size * 0.3) & (np.abs(across) < size * 0.06)
+    img = np.full((size, size, 3), 0.8, np.float32) + rng.normal(0, 0.02, (size, size, 3)).astype(np.float32)
+    img[bar] = 0.3
+    return np.clip(img, 0, 1), bar
+
+
+def test_anomalies_on_the_product_land_on_it_alike_in_both_paths(black_texture):
+    from destseg.data.device_synthesis import product_masks
+    from destseg.data.synthesis import product_mask
+
+    rng = np.random.default_rng(0)
+    scenes = [product_scene(rng) for _ in range(8)]
+    x = torch.from_numpy(np.stack([s for s, _ in scenes])).permute(0, 3, 1, 2)
+    batched = product_masks(x)[:, 0].bool().numpy()
+    for (img, bar), dev in zip(scenes, batched):
+        mine = product_mask(img)
+        assert (mine == dev).mean() > 0.999  # the same rule (medians of ties aside)
+        assert mine[bar].mean() > 0.97 and mine.mean() < 0.35 and not mine[0].any()  # the bar (its tips may go)
+    synth = AnomalySynthesizer(SIZE, black_texture, area="product")
+    on, any_anomaly = 0, 0
+    for i in range(200):
+        img, _ = scenes[i % len(scenes)]
+        aug, mask = synth(img, np.random.default_rng(i))
+        assert not (mask & ~product_mask(img)).any()  # never beside the product
+        assert np.array_equal(aug[~mask], img[~mask])
+        any_anomaly += mask.any()
+    assert any_anomaly > 80  # most samples still carry an anomaly
+    dev = DeviceAugment(SIZE, Normalize((0, 0, 0), (1, 1, 1)), "none", texture_bank(SIZE, black_texture), "cpu",
+                        area="product")
+    u8 = torch.from_numpy((np.stack([s for s, _ in scenes]) * 255).round().astype(np.uint8))
+    out = dev(u8, dev.generator(0, 1))
+    assert not (out["mask"][:, 0].bool() & ~product_masks(u8.permute(0, 3, 1, 2).float() / 255)[:, 0].bool()).any()
