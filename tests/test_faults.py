@@ -191,6 +191,21 @@ def journal_rows(out: Path) -> list[dict]:
     return rows
 
 
+def scored_count(out: Path) -> int:
+    import sqlite3
+
+    if not (out / "journal.sqlite").exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{out / 'journal.sqlite'}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT count(*) FROM scored").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:  # created but its tables not yet committed
+        return 0
+
+
 def watch_args(run_dir, inp, out, *extra):
     return ["watch", "--run", str(run_dir), "--input", str(inp), "--out", str(out), "--backend", "torch",
             "--precision", "fp32", "--device", "cpu", "--settle", "0", *extra]
@@ -301,7 +316,7 @@ def test_a_watcher_killed_at_random_points_scores_every_content_exactly_once(run
             with lock:
                 written[name] = hashlib.sha256(data).hexdigest()
                 ever.add(written[name])
-            time.sleep(0.01)
+            time.sleep(0.03)
 
     cmd = [sys.executable, "-m", "destseg", *watch_args(run_dir, inp, out, "--batch-size", "4", "--interval",
                                                        "0.05")]
@@ -313,7 +328,10 @@ def test_a_watcher_killed_at_random_points_scores_every_content_exactly_once(run
         for _ in range(6):
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             assert "images already scored" in proc.stdout.readline()  # started: the model is loaded
-            time.sleep(float(rng.uniform(0.05, 1.5)))
+            before, deadline = counts[-1] if counts else 0, time.time() + 120
+            while scored_count(out) <= before and time.time() < deadline:  # it is scoring (on a loaded machine
+                time.sleep(0.02)                                             # that may take a while)
+            time.sleep(float(rng.uniform(0, 0.3)))  # then a random point of the batches that follow
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             counts.append(len(journal_rows(out)))  # readable after each kill, its export matching
@@ -331,4 +349,4 @@ def test_a_watcher_killed_at_random_points_scores_every_content_exactly_once(run
     assert len({r["overlay"] for r in rows}) == len(rows)  # each content its own overlay, there and a PNG
     for r in rows:
         Image.open(out / r["overlay"]).verify()
-    assert len(set(counts)) >= 3 and counts[-1] < len(rows), counts  # the kills fell in the middle of the stream
+    assert len(set(counts)) == 6 and counts[-1] < len(rows), counts  # each kill fell in the middle of the stream
