@@ -74,9 +74,16 @@ class _Loaded:
     error: str | None = None
 
 
+MAX_FILE_BYTES = 512 * 2**20  # larger than any image the decoder accepts (64 Mpixel): not read into memory
+
+
 def _load(path: Path, rel: str, size) -> _Loaded:
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size > MAX_FILE_BYTES:
+                return _Loaded(rel, error=f"{path}: {st.st_size / 2**20:.0f} MiB, larger than any image destseg "
+                                          f"reads ({MAX_FILE_BYTES // 2**20} MiB)")
             data = f.read()
             key = stat_key(os.fstat(f.fileno()))
     except OSError as exc:

@@ -216,3 +216,13 @@ def test_watch_tries_an_old_undecodable_file_again_until_retry_seconds_after_its
     ready, _ = w.scan()
     assert ready == [] and w.journal.last_skipped()["file"] == "bad.png"
     w.close()
+
+
+def test_watch_does_not_read_a_huge_file_into_memory(tmp_path):
+    from destseg.watch import MAX_FILE_BYTES, _load
+
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
+    item = _load(huge, "huge.png", 64)
+    assert item.data == b"" and "larger than any image" in item.error and "huge.png" in item.error
