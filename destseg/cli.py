@@ -164,8 +164,7 @@ def cmd_train(args) -> int:
 
     options = TrainOptions(seed=args.seed, device=args.device, precision=args.precision,
                            num_workers=args.workers, texture_dir=args.texture_dir, rotation=args.rotation,
-                           anomaly_color=args.anomaly_color, anomaly_area=args.anomaly_area,
-                           synthesis=args.synthesis,
+                           anomaly_color=args.anomaly_color, synthesis=args.synthesis,
                            checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
                            log_every=args.log_every, teacher_weights=args.teacher_weights,
                            threshold_holdout=args.threshold_holdout, threshold_fpr=args.threshold_fpr,
@@ -467,10 +466,6 @@ def _train_parser(p) -> None:
     p.add_argument("--anomaly-color", default="auto", choices=["auto", "rgb", "gray"],
                    help="colour of the synthetic anomalies: rgb (the textures as they are), gray (their "
                         "luminance); auto (default): gray when every training image is grayscale")
-    p.add_argument("--anomaly-area", default="image", choices=["image", "product"],
-                   help="where the synthetic anomalies go: image (default, the paper's: anywhere), product (only "
-                        "where the product stands out from a plain background, for a small product in a large "
-                        "frame)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])

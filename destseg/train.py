@@ -47,7 +47,6 @@ class TrainOptions:
     texture_dir: str | None = None  # anomaly sources; None: built-in generator
     rotation: str | None = None  # none | small | rot90; None: the category's default from the paper
     anomaly_color: str = "auto"  # rgb | gray (luminance of the textures); auto: gray for grayscale training images
-    anomaly_area: str = "image"  # image (the paper's) | product: anomalies only where the product stands out
     checkpoint_every: int = 200  # steps
     checkpoint_minutes: float = 10.0  # also after this much wall time since the last one (single process); 0: off
     log_every: int = 10
@@ -74,7 +73,6 @@ def check_options(o: TrainOptions) -> TrainOptions:
             flag = "--workers" if field == "num_workers" else "--" + field.replace("_", "-")
             raise DestsegError(f"{flag} must be {rule} (got {getattr(o, field)!r})")
     choices = {"rotation": ("none", "small", "rot90"), "anomaly_color": ("auto", "rgb", "gray"),
-               "anomaly_area": ("image", "product"),
                "synthesis": ("auto", "cpu", "device"), "precision": ("auto", "bf16", "fp32")}
     for field, allowed in choices.items():
         value = getattr(o, field)
@@ -313,7 +311,6 @@ class _TrainingData:
             "anomaly_source": anomaly_source_in_words(self.synthesis, self.texture_dir),
             "anomaly_color": ("gray" if self.gray else "rgb") if self.synthesis else "none",
             "anomaly_color_source": gray_why,
-            "anomaly_area": options.anomaly_area if self.synthesis else "none",
             "synthesis": "batched on " + device.type if self.on_device else "per sample on the CPU (NumPy)",
             "train_images": len(split.train), "train_image_size": typical_size, "shape_note": shape_why,
             "threshold_images": len(split.threshold) or len(split.train),
@@ -325,8 +322,7 @@ class _TrainingData:
         if self.on_device:
             return TrainDataset(self.split.train, c.image_size, self.spec.normalize, self.rotation, images=self.images,
                                 raw=True)
-        synth = AnomalySynthesizer(c.image_size, self.texture_dir, gray=self.gray, area=self.options.anomaly_area) \
-            if self.synthesis else None
+        synth = AnomalySynthesizer(c.image_size, self.texture_dir, gray=self.gray) if self.synthesis else None
         return TrainDataset(self.split.train, c.image_size, self.spec.normalize, self.rotation, synth, images=self.images)
 
     def augment(self) -> DeviceAugment | None:
@@ -336,8 +332,7 @@ class _TrainingData:
         textures = texture_bank(self.config.image_size, self.texture_dir, seed=self.options.seed, gray=self.gray) \
             if self.synthesis else None
         self.workers = 0 if self.options.num_workers < 0 else self.workers  # nothing left to do on the CPU
-        return DeviceAugment(self.config.image_size, self.spec.normalize, self.rotation, textures, self.device,
-                             area=self.options.anomaly_area)
+        return DeviceAugment(self.config.image_size, self.spec.normalize, self.rotation, textures, self.device)
 
     def validation_dataset(self) -> TestDataset | None:
         if not self.split.validation:

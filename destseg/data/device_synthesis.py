@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from destseg.data.images import hw
 from destseg.data.images import Normalize
-from destseg.data.synthesis import PRODUCT_CONTRAST, GeneratedTextures, TextureFolder, gradient_noise, to_gray
+from destseg.data.synthesis import GeneratedTextures, TextureFolder, gradient_noise, to_gray
 
 LATTICE = 33  # gradient lattice points per axis: the finest Perlin scale is 2^5 = 32 cells
 FILL = 114 / 255
@@ -81,26 +81,13 @@ def perlin_batch(n: int, size, g: torch.Generator, device) -> torch.Tensor:
     return gradient_noise(corner_gradients, fy, fx)
 
 
-def product_masks(x: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) float: ``synthesis.product_mask`` of each image of (N, 3, H, W) in [0, 1], batched."""
-    n, _, h, w = x.shape
-    border = torch.cat([x[:, :, :4].reshape(n, 3, -1), x[:, :, -4:].reshape(n, 3, -1),
-                        x[:, :, :, :4].reshape(n, 3, -1), x[:, :, :, -4:].reshape(n, 3, -1)], dim=2)
-    background = border.median(dim=2).values[:, :, None, None]
-    fg = ((x - background).abs().amax(dim=1, keepdim=True) > PRODUCT_CONTRAST).float()
-    fg = F.max_pool2d(-F.max_pool2d(-fg, 5, 1, 2), 5, 1, 2)  # opening: specks away
-    grow = 2 * max(1, round(4 * min(h, w) / 256)) + 1
-    return F.max_pool2d(fg, grow, 1, grow // 2)
-
-
 class DeviceAugment:
     """Turns a batch of clean uint8 images (N, H, W, 3) into the training batch on ``device``:
     normalised ``image``, and with synthesis ``augmented`` and ``mask`` (N, 1, H, W)."""
 
     def __init__(self, size, normalize: Normalize, rotation: str, textures: torch.Tensor | None, device,
-                 max_beta: float = 0.8, area: str = "image"):
+                 max_beta: float = 0.8):
         self.size, self.rotation, self.max_beta, self.device = size, rotation, max_beta, torch.device(device)
-        self.area = area
         self.normalize = normalize
         self.textures = None if textures is None else textures.to(self.device)
 
@@ -123,8 +110,6 @@ class DeviceAugment:
             noise = perlin_batch(n, self.size, g, self.device)[:, None]
             noise = _rotate(noise, _uniform(n, -90.0, 90.0, g, self.device), 0.0)
             mask = (noise > 0.5).float()
-            if self.area == "product":
-                mask = mask * product_masks(x)
             source = self.textures[torch.randint(0, len(self.textures), (n,), generator=g, device=self.device)]
             beta = _uniform(n, 0.0, self.max_beta, g, self.device).view(n, 1, 1, 1)
             aug = x * (1 - mask) + (1 - beta) * source * mask + beta * x * mask

@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 from PIL import Image
 
 from destseg.data.images import hw, list_images, read_rgb, resize_rgb
@@ -125,44 +124,22 @@ class GeneratedTextures:
         return np.clip(img, 0, 1).astype(np.float32)
 
 
-PRODUCT_CONTRAST = 0.2  # a pixel belongs to the product where it differs this much from the background (of 1)
-
-
-def product_mask(img: np.ndarray) -> np.ndarray:
-    """(H, W) bool: where a product stands out from a plain background. The background is the median colour of
-    the image's 4-pixel border; a pixel is product where a channel differs from it by more than
-    ``PRODUCT_CONTRAST``; specks are opened away (5x5) and the product grown by 4 pixels per 256 (9x9 at 256).
-    Square windows, as the batched version in device_synthesis."""
-    h, w = img.shape[:2]
-    border = np.concatenate([img[:4].reshape(-1, 3), img[-4:].reshape(-1, 3), img[:, :4].reshape(-1, 3),
-                             img[:, -4:].reshape(-1, 3)])
-    background = np.quantile(border, 0.5, axis=0, method="lower")  # the lower median, as torch.median
-    fg = (np.abs(img - background).max(axis=-1) > PRODUCT_CONTRAST).astype(np.uint8)
-    fg = ndimage.maximum_filter(ndimage.minimum_filter(fg, size=5, mode="nearest"), size=5, mode="nearest")
-    grow = 2 * max(1, round(4 * min(h, w) / 256)) + 1
-    return ndimage.maximum_filter(fg, size=grow, mode="nearest").astype(bool)
-
-
 class AnomalySynthesizer:
     """I_aug = I*(1-M) + (1-b)*A*M + b*I*M with b ~ U(0, max_beta) (docs/REFERENCE.md, step 3), images in [0, 1].
 
     ``gray``: the anomaly source A is turned into its luminance first, for grayscale training images: a
     coloured texture on a grayscale product is an anomaly told apart by colour alone, a cue that no real
-    defect from that camera has. ``area="product"``: the Perlin mask is kept only where the product stands out
-    from a plain background (:func:`product_mask`), so that the anomalies land on the product, not beside it."""
+    defect from that camera has."""
 
     def __init__(self, size: int, texture_dir: Path | str | None = None, max_beta: float = 0.8,
-                 gray: bool = False, area: str = "image"):
+                 gray: bool = False):
         self.size = size
         self.source = TextureFolder(texture_dir, size) if texture_dir else GeneratedTextures(size)
         self.max_beta = max_beta
         self.gray = gray
-        self.area = area
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         mask = perlin_mask(self.size, rng)
-        if self.area == "product":
-            mask &= product_mask(img)
         source = self.source(rng)
         if self.gray:
             source = to_gray(source)
