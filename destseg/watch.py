@@ -283,6 +283,8 @@ class Watcher:
                     self.log(f"destseg watch: DEFECT {r['file']} score {r['score']:.4g} >= threshold "
                              f"{r['threshold']:.4g} (overlay {r['overlay']})", flush=True)
             if rows:
+                for r in rows:  # the drift check takes up what the journal holds
+                    self.drift.add(r["score"])
                 self._report_drift(len(rows), sum(r["decision"] == "defect" for r in rows))
             done += len(rows)
         return done
@@ -309,8 +311,6 @@ class Watcher:
         else:
             for job in jobs:
                 write_pngs(*job)
-        for pred in preds:
-            self.drift.add(pred.score)
         return rows
 
     def _report_drift(self, n: int, n_defect: int) -> None:
