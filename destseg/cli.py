@@ -396,7 +396,7 @@ def cmd_benchmark(args) -> int:
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "int8"],
-                   help="auto: bf16 where the CPU or GPU runs it natively; on another CPU, for DeSTSeg, int8 with "
+                   help="auto: bf16 where the CPU or GPU runs it natively; on another CPU, for DeSTSeg and TESD, int8 with "
                         "OpenVINO where NNCF is installed and the run's int8 copy is cached or its training images "
                         "are here; else fp32; int8: OpenVINO with NNCF's post-training quantisation, calibrated "
                         "on the run's good training images and synthetic anomalies on them (made once, kept in "
@@ -446,10 +446,10 @@ def _train_parser(p) -> None:
     p.add_argument("--schedule", default="auto",
                    help="auto (default): cpu on a CPU, paper on a GPU; paper: the paper's schedule (5000 steps of "
                         "32 images, its widths); cpu: sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that "
-                        "follow the training set; for DeSTSeg a student at 32 channels and a segmentation network "
-                        "at 48, 11x less inference arithmetic; docs/RESULTS.md); cpu-wide: the paper's widths at "
-                        "the cpu schedule's steps (DeSTSeg); or a JSON file {model: {field: value}}. Flags given "
-                        "override it")
+                        "follow the training set; DeSTSeg and TESD with a segmentation network at 48 channels, "
+                        "DeSTSeg a student at 32, 11x less inference arithmetic; docs/RESULTS.md); cpu-wide: the "
+                        "paper's widths at the cpu schedule's steps (DeSTSeg, TESD); or a JSON file {model: {field: "
+                        "value}}. Flags given override it")
     p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
                                          "cumulative share of the budget; the steps trained are recorded)")
     here = defaults_here()

@@ -253,6 +253,9 @@ def test_cpu_schedule_follows_the_training_set_and_time_budget_caps_stages(tmp_p
                       "seg_lr_decay": "cosine", "seg_batch_size": 8} and "600 segmentation" in words
     assert schedule_overrides("fast", "destseg", 54) == (narrow, words)
     assert schedule_overrides("cpu", "destseg", 209)[0]["steps"] == 1200  # bottle: as measured
+    # TESD: the same narrow segmentation stage (its student decodes the teacher's features at their widths)
+    assert schedule_overrides("cpu", "tesd", 54)[0] == {k: v for k, v in narrow.items() if k != "student_width"}
+    assert schedule_overrides("cpu-wide", "tesd", 54)[0] == wide
     wide_stfpm, words = schedule_overrides("cpu-wide", "stfpm", 54)  # no cpu-wide schedule: its cpu one, said so
     assert wide_stfpm == schedule_overrides("cpu", "stfpm", 54)[0] and "no cpu-wide schedule" in words
     assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("2") == 120

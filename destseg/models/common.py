@@ -270,6 +270,18 @@ def cpu_schedule(n_train: int, segmentation_bounds: tuple[int, int] = CPU_SEGMEN
             f"at batch 16)")
 
 
+# The narrow segmentation stage of the cpu schedules (DeSTSeg's and TESD's): a segmentation network of 48 channels
+# (the paper's 256) that sees at least 300 x 16 images, in steps of 8, from twice the paper's rates decayed to 0
+# (cosine). At the paper's stage-2 recipe, 150 steps let a metal_plate seed collapse (docs/RESULTS.md).
+NARROW_SEGMENTATION_STEPS = (300, 1200)  # bounds on segmentation steps at batch 16 (paper widths: 150)
+NARROW_SEGMENTATION = {"seg_width": 48, "lr_res": 0.2, "lr_head": 0.02, "seg_lr_decay": "cosine", "seg_batch_size": 8}
+
+
+def narrow_cpu_schedule(n_train: int, **fields) -> tuple[dict, str]:
+    """The cpu schedule with the narrow segmentation stage, and the model's other ``fields``."""
+    return cpu_schedule(n_train, NARROW_SEGMENTATION_STEPS, **fields, **NARROW_SEGMENTATION)
+
+
 class SegmentationGuidedModel(AnomalyModel):
     """Teacher + denoising student + segmentation network, trained in two stages (docs/REFERENCE.md, "DeSTSeg").
 
