@@ -38,10 +38,19 @@ from destseg.models.backbones import ResNet18
 from destseg.models.common import fold_batchnorm
 from destseg.openvino_ir import import_nncf
 from flops import count, measured_peak_gflops  # benchmarks/flops.py, beside this script
-from speed import images_per_s  # benchmarks/speed.py, beside this script
 
 BATCH = 16
 SEG_BATCH = 8  # the cpu schedule's segmentation-stage batch (destseg/models/destseg.py)
+
+
+def images_per_s(fn, batch_size: int, warmup: int, iters: int) -> float:
+    """Images/s of ``fn`` (one call: one batch of ``batch_size``) over ``iters`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return batch_size * iters / (time.perf_counter() - t0)
 
 
 class Yardstick:

@@ -21,7 +21,7 @@ import torch
 from destseg.data.images import hw
 from destseg.device import autocast, describe_cpu
 from destseg.infer import evaluate_run, load_inference
-from speed import images_per_s  # benchmarks/speed.py, beside this script
+from cpu_speed import images_per_s  # benchmarks/cpu_speed.py, beside this script
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ metrics; run it once per tree and compare the two reports (a refactoring should 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import subprocess
@@ -71,6 +72,12 @@ def compare(a: Path, b: Path) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--compare"]:
-        sys.exit(compare(Path(sys.argv[2]), Path(sys.argv[3])))
-    record(Path(sys.argv[1]))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", nargs="?", type=Path, help="where to write this tree's report")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two reports")
+    args = p.parse_args()
+    if args.compare:
+        sys.exit(compare(*args.compare))
+    if args.out is None:
+        p.error("give OUT, or --compare A B")
+    record(args.out)

@@ -396,7 +396,7 @@ def cmd_benchmark(args) -> int:
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "int8"],
-                   help="auto: bf16 where the CPU or GPU runs it natively; on another CPU, for DeSTSeg and TESD, int8 with "
+                   help="auto: bf16 where the CPU or GPU runs it natively; on another CPU, for DeSTSeg, int8 with "
                         "OpenVINO where NNCF is installed and the run's int8 copy is cached or its training images "
                         "are here; else fp32; int8: OpenVINO with NNCF's post-training quantisation, calibrated "
                         "on the run's good training images and synthetic anomalies on them (made once, kept in "

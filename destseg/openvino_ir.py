@@ -240,7 +240,7 @@ def _file_sha(path: str, inode: int, size: int, mtime_ns: int) -> str:
 
 def auto_int8(run_dir: Path | str, model_name: str) -> bool:
     """Whether ``--precision auto`` runs this run in int8 here: a model whose int8 accuracy was measured
-    (``int8_by_default``: DeSTSeg, TESD) on a CPU without native bf16 (AVX2, AVX-512 without bf16), where int8 is the
+    (``int8_by_default``: DeSTSeg) on a CPU without native bf16 (AVX2, AVX-512 without bf16), where int8 is the
     one engine past the yardstick (docs/BENCHMARKS.md) at fp32's accuracy (docs/RESULTS.md, "int8"), when the
     run's int8 copy is cached or can be made here (NNCF installed, the training images readable); otherwise
     fp32. On a CPU with native bf16, bf16."""

@@ -1,6 +1,7 @@
 """The docs hold to the code: docs/CLI.md is what the parsers print (regenerate it with
 `python tests/test_docs.py --write`), the README's commands parse, the version matches the changelog, no page
-speaks of development history, and `pip wheel .` packs every module and the service page."""
+speaks of development history, every benchmark script the docs name starts (its imports resolve), and `pip wheel .`
+packs every module and the service page."""
 
 import argparse
 import re
@@ -71,6 +72,14 @@ def test_readme_commands_parse():
             build_parser().parse_args(argv)
         except SystemExit as exc:
             pytest.fail(f"README command does not parse ({exc.code}): destseg {' '.join(argv)}")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_benchmark_scripts_start(script):
+    """Each benchmark script answers --help: what it imports (destseg, the scripts beside it) is there."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-2000:]
 
 
 def test_version_matches_the_changelog(capsys):
