@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from destseg.benchmark import METRIC_LABELS, METRICS, hardware
+from destseg.benchmark import METRIC_LABELS, METRICS, hardware, mean_sd
 from destseg.checkpoint import atomic_write_text, load_checkpoint
 from destseg.data.datasets import default_rotation
 from destseg.data.images import list_images
@@ -69,15 +69,9 @@ def table(rows: list[dict], meta: str) -> str:
              "|---|---|---|---|---|"]
     for count in sorted({r["count"] for r in rows}):
         group = [r for r in rows if r["count"] == count]
-
-        def cell(k):
-            values = [100 * r[k] for r in group]
-            sd = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-            return f"{statistics.fmean(values):.1f}{sd}"
-
         worst = min(group, key=lambda r: r["i_auroc"])
         lines.append(f"| {count} | {', '.join(str(r['seed']) for r in group)} | "
-                     + " / ".join(cell(k) for k in METRICS)
+                     + " / ".join(mean_sd([100 * r[k] for r in group]) for k in METRICS)
                      + f" | seed {worst['seed']}: {100 * worst['i_auroc']:.1f} | "
                      + f"{statistics.fmean(r['train_minutes'] for r in group):.0f} |")
     return "\n".join(lines) + "\n"

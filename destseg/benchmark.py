@@ -144,6 +144,12 @@ def run_job(job: Job, args, out: Path, env: dict) -> dict:
             "undertrained": trained["undertrained"], "precision": metrics["precision"]}
 
 
+def mean_sd(values: list[float]) -> str:
+    """'mean ± sd' (sample sd) of ``values`` to one decimal, or the one value alone."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
 def results_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results ({meta['schedule']} schedule)", "",
              f"destseg {meta['library_version']}, {meta['hardware']}, torch {meta['torch']}."
@@ -168,10 +174,7 @@ def results_markdown(rows: list[dict], meta: dict) -> str:
         lines += ["", "Mean and standard deviation over seeds:", "",
                   "| category | model | seeds | " + " | ".join(METRIC_LABELS) + " |", "|---|---|---|" + "---|" * 6]
         for (cat, model), rs in multi.items():
-            cells = []
-            for k in METRICS:
-                v = 100 * np.array([r[k] for r in rs])
-                cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}")
+            cells = [mean_sd([100 * r[k] for r in rs]) for k in METRICS]
             lines.append(f"| {cat} | {model} | {len(rs)} | " + " | ".join(cells) + " |")
     means = mean_over_categories(rows)
     if any(m["categories"] > 1 for m in means.values()):

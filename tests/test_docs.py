@@ -1,7 +1,7 @@
 """The docs hold to the code: docs/CLI.md is what the parsers print (regenerate it with
 `python tests/test_docs.py --write`), the README's commands parse, the version matches the changelog, no page
-speaks of development history, every benchmark script the docs name starts (its imports resolve), and `pip wheel .`
-packs every module and the service page."""
+speaks of development history, every script in benchmarks/ starts (its imports resolve), and `pip wheel .` packs
+every module and the service page."""
 
 import argparse
 import re
