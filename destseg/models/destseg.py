@@ -59,8 +59,8 @@ class DeSTSeg(SegmentationGuidedModel):
     published = {"source": "DeSTSeg paper, ResNet18, MVTec mean", "i_auroc": 0.986, "p_auroc": 0.979,
                  "p_ap": 0.758, "iap": 0.764}
     # cpu (the default on a CPU): a student encoder of 32 channels and a segmentation network of 48 (the paper's
-    # 64 and 256): 11x less inference arithmetic. Its segmentation stage sees at least 300 x 16 images in steps
-    # of 8, from twice the paper's rates decayed to 0 (cosine). Over 3 seeds each it is within one sd of the
+    # 64 and 256): 11x less inference arithmetic. Its segmentation stage trains at least 900 steps of 8 images,
+    # from twice the paper's rates decayed to 0 (cosine). Over 3 seeds each it is within one sd of the
     # paper widths on every bottle and metal_plate metric (docs/RESULTS.md). cpu-wide: the paper's widths and
     # stage-2 rates at the cpu schedule's step counts.
     schedules = {"cpu": student_narrow_cpu_schedule, "cpu-wide": cpu_schedule}
