@@ -446,10 +446,10 @@ def _train_parser(p) -> None:
     p.add_argument("--schedule", default="auto",
                    help="auto (default): cpu on a CPU, paper on a GPU; paper: the paper's schedule (5000 steps of "
                         "32 images, its widths); cpu: sized for a 2-core CPU (Lite0 teacher, batch 16, epochs that "
-                        "follow the training set, at least 900 + 900 steps; DeSTSeg and TESD with a segmentation network at 48 channels, "
-                        "DeSTSeg a student at 32, 11x less inference arithmetic; docs/RESULTS.md); cpu-wide: the "
-                        "paper's widths at the cpu schedule's steps (DeSTSeg, TESD); or a JSON file {model: {field: "
-                        "value}}. Flags given override it")
+                        "follow the training set, at least 900 + 900 steps; DeSTSeg and TESD with a segmentation "
+                        "network at 48 channels, DeSTSeg a student at 32, 11x less inference arithmetic; "
+                        "docs/RESULTS.md); cpu-wide: the paper's widths at the cpu schedule's steps (DeSTSeg, "
+                        "TESD); or a JSON file {model: {field: value}}. Flags given override it")
     p.add_argument("--time-budget", help="cap training by wall time, e.g. 30m or 1.5h (stage k ends by its "
                                          "cumulative share of the budget; the steps trained are recorded)")
     here = defaults_here()
