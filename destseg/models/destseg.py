@@ -60,9 +60,9 @@ class DeSTSeg(SegmentationGuidedModel):
                  "p_ap": 0.758, "iap": 0.764}
     # cpu (the default on a CPU): a student encoder of 32 channels and a segmentation network of 48 (the paper's
     # 64 and 256): 11x less inference arithmetic. Its segmentation stage trains at least 900 steps of 8 images,
-    # from twice the paper's rates decayed to 0 (cosine). Over 3 seeds each it is within one sd of the
-    # paper widths at equal steps on every bottle and metal_plate metric (docs/RESULTS.md). cpu-wide: the paper's widths and
-    # stage-2 rates at the cpu schedule's step counts.
+    # from twice the paper's rates decayed to 0 (cosine). Over 3 seeds each it is within one sd of the paper
+    # widths at equal steps on every bottle and metal_plate metric (docs/RESULTS.md). cpu-wide: the paper's
+    # widths and stage-2 rates at the cpu schedule's step counts.
     schedules = {"cpu": student_narrow_cpu_schedule, "cpu-wide": cpu_schedule}
     # int8 (OpenVINO + NNCF) matches fp32 within 0.35 on every metric's mean at (32, 48) over 3 seeds each of
     # bottle and metal_plate but IAP@90 (-1.6 and -0.8), I-AUROC within 0.2 on every seed (docs/RESULTS.md)
