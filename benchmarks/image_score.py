@@ -1,6 +1,8 @@
-"""Which image score tells defect images from good ones best: a DeSTSeg run's own score (the mean of the top
-pixels of the segmentation network's map), the same statistic of the student-teacher product map, and two fusions
-of the two, each standardised by its mean and spread on the run's good training images.
+"""Which image score ranks defect images above good ones best, per trained DeSTSeg or TESD run.
+
+Four scores: the run's own (the mean of the 100 largest pixels of the segmentation network's map), the same
+statistic of the student-teacher product map, and two fusions of the two (sum and larger), each score first
+standardised by its mean and spread on the run's good training images.
 
     .venv/bin/python benchmarks/image_score.py runs/bench/screw-destseg-s0 runs/bench/bottle-destseg-s0
 
