@@ -227,7 +227,7 @@ class SegmentationGuidedConfig(ModelConfig):
 
 
 # cpu schedule: batch 16 and a number of epochs of each stage that follows the training set, clamped to keep
-# a run between ~14 and ~60 minutes on a 2-core AVX-512 bf16 CPU (~24 minutes and up with AVX2 only, fp32).
+# a run between ~12 and ~60 minutes on a 2-core AVX-512 bf16 CPU (~24 minutes and up with AVX2 only, fp32).
 # On MVTec bottle (209 images) the epochs give 600 + 300 steps. The floor of 900 student steps holds for small
 # training sets: with 100 images of a part in random pose (MVTec screw), 300 student steps (and 600 segmentation
 # steps of 8) gave an image score below chance, 600 steps half-way, 919 as good as all 320 images
