@@ -1,7 +1,7 @@
 """The docs hold to the code: docs/CLI.md is what the parsers print (regenerate it with
 `python tests/test_docs.py --write`), the README's commands parse, the version matches the changelog, no page
-speaks of development history, every script in benchmarks/ starts (its imports resolve), and `pip wheel .` packs
-every module and the service page."""
+speaks of development history, every link to a section names a heading that exists, every script in benchmarks/
+starts (its imports resolve), and `pip wheel .` packs every module and the service page."""
 
 import argparse
 import re
@@ -101,6 +101,26 @@ def test_the_product_does_not_speak_of_its_development_history():
     found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()[:80]}" for p in pages
              for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not found, "\n".join(found)
+
+
+def _heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but - and _ dropped, spaces to -."""
+    headings = re.findall(r"^#{1,6} (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_to_sections_name_headings_that_exist():
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target, anchor in re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", text):
+            if target.startswith("http"):
+                continue
+            linked = page.parent / target if target else page
+            if not linked.is_file() or anchor not in _heading_anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: ({target}#{anchor})")
+    assert not broken, "\n".join(broken)
 
 
 def test_readme_is_short_enough_to_follow():
