@@ -105,7 +105,7 @@ def test_the_product_does_not_speak_of_its_development_history():
 
 def _heading_anchors(page: Path) -> set[str]:
     """The anchors GitHub gives a page's headings: lower case, punctuation but - and _ dropped, spaces to -."""
-    headings = re.findall(r"^#{1,6} (.+)$", page.read_text(), re.M)
+    headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
