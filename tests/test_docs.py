@@ -4,6 +4,7 @@ speaks of development history, every link to a section names a heading that exis
 starts (its imports resolve), and `pip wheel .` packs every module and the service page."""
 
 import argparse
+import functools
 import re
 import shlex
 import subprocess
@@ -103,9 +104,14 @@ def test_the_product_does_not_speak_of_its_development_history():
     assert not found, "\n".join(found)
 
 
+def _without_code_blocks(page: Path) -> str:
+    return re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+
+
+@functools.cache
 def _heading_anchors(page: Path) -> set[str]:
     """The anchors GitHub gives a page's headings: lower case, punctuation but - and _ dropped, spaces to -."""
-    headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M)
+    headings = re.findall(r"^#{1,6} (.+)$", _without_code_blocks(page), re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
@@ -113,8 +119,7 @@ def test_links_to_sections_name_headings_that_exist():
     pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
     broken = []
     for page in pages:
-        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
-        for target, anchor in re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", text):
+        for target, anchor in re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", _without_code_blocks(page)):
             if target.startswith("http"):
                 continue
             linked = page.parent / target if target else page
