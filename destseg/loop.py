@@ -66,6 +66,7 @@ def stage_records(stages, ckpt: dict | None) -> dict[str, dict]:
 
 
 ELAPSED_EVERY_S = 30.0  # train.log gets the elapsed time at least this often (a line per --log-every steps too)
+LONG_RUN_S = 1800  # a plan expected to take longer (no --time-budget) gets a line on how to cap it
 
 
 def logged_elapsed(path) -> float:
@@ -206,9 +207,8 @@ class Loop:
             per_step = (time.perf_counter() - self._pace_t0) / self.PACE_STEPS
             left = self.total - self.step
             self._pace_t0 = None
-            finish = time.strftime("%H:%M", time.localtime(time.time() + per_step * left))
-            note = (f"{stage.name} stage: {per_step:.2f} s/step; at this pace the {left} steps left take about "
-                    f"{_minutes(per_step * left)} (done near {finish}; the pace of a later stage may differ)")
+            budget_end = self.t_start + self.options.time_budget_s if self.options.time_budget_s else None
+            note = pace_note(stage.name, per_step, left, time.time(), budget_end, offset == 0, self.run_dir)
             self.log({"step": self.step, "stage": stage.name, "pace_s_per_step": round(per_step, 4),
                       "expected_s_left": round(per_step * left, 1)})
             if self.dist.main:
@@ -311,6 +311,28 @@ class Loop:
         if self.dist.active:
             over = all_reduce([float(over)], self.dist)[0] > 0
         return over
+
+
+def pace_note(stage: str, per_step: float, left: int, now: float, budget_end: float | None, first_stage: bool,
+              run_dir) -> str:
+    """What train prints once a stage's pace is known: the expected wall time of the ``left`` steps at it; the
+    time --time-budget ends training where that comes first; without a budget, at the first stage of a plan
+    expected to take over LONG_RUN_S, the command that caps it."""
+    def clock(t: float) -> str:
+        return time.strftime("%H:%M", time.localtime(t))
+
+    note = (f"{stage} stage: {per_step:.2f} s/step; at this pace the {left} steps left take about "
+            f"{_minutes(per_step * left)} (done near {clock(now + per_step * left)}; the pace of a later stage may "
+            "differ)")
+    if budget_end is not None:
+        if budget_end < now + per_step * left:
+            note += f"; --time-budget ends it near {clock(budget_end)}"
+    elif first_stage and per_step * left > LONG_RUN_S:
+        minutes = f"{LONG_RUN_S / 60:g}"
+        note += (f"\ndestseg: to end training {minutes} minutes after its start, with fewer steps, press Ctrl-C and "
+                 f"run: destseg train --out {run_dir} --resume --time-budget {minutes}m (what fewer steps give: "
+                 "docs/RESULTS.md, \"Shorter training\")")
+    return note
 
 
 def _minutes(seconds: float) -> str:

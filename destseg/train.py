@@ -315,7 +315,9 @@ class _TrainingData:
             "train_images": len(split.train), "train_image_size": typical_size, "shape_note": shape_why,
             "threshold_images": len(split.threshold) or len(split.train),
             "threshold_images_source": "held out of training" if split.threshold else
-            "the training images themselves (too few to hold any out): optimistic"}
+            "the training images themselves ("
+            + ("--threshold-holdout 0" if options.threshold_holdout <= 0 else "too few to hold any out")
+            + "): optimistic"}
 
     def train_dataset(self) -> TrainDataset:
         c = self.config

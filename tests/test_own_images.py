@@ -5,6 +5,7 @@ decisions mean nothing."""
 import csv
 import json
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from PIL import Image
 from conftest import make_mvtec, normal_image
 from destseg.cli import build_parser, main
 from destseg.health import run_warnings
+from destseg.loop import pace_note
 from destseg.metrics import decision_rates, proportion_ci
 from destseg.run import Run
+from destseg.schedules import parse_duration
 
 TINY = ["--teacher", "efficientnet_lite0", "--image-size", "64", "--batch-size", "2", "--steps", "3",
         "--student-steps", "2", "--no-progress"]
@@ -71,18 +74,33 @@ def test_train_from_a_plain_folder_takes_every_image_under_it(folder_run, capsys
     assert summary["train"] == 15 and any("notes.txt: not an image" in p for p in summary["problems"])
 
 
-def test_train_prints_its_plan_the_pace_and_the_next_command(tmp_path, capsys):
+def test_train_prints_its_plan_the_pace_and_the_next_command(tmp_path, capsys, monkeypatch):
     root = make_folders(tmp_path)
     run = tmp_path / "run"
+    monkeypatch.setattr("destseg.loop.LONG_RUN_S", 0.06)  # any plan counts as long: the line on capping it shows
     args = [a for a in TINY if a != "--no-progress"]
     args[args.index("--steps") + 1], args[args.index("--student-steps") + 1] = "24", "12"
     assert main(["train", "--data", str(root / "good"), "--out", str(run), *args, "--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert "plan: student 12 steps of 2 images + segmentation 12 steps of 8 images = 24 steps on 13" in err
     assert "student stage:" in err and "s/step; at this pace the" in err
+    assert f"press Ctrl-C and run: destseg train --out {run} --resume --time-budget 0.001m" in err
+    assert err.count("--resume --time-budget") == 1  # once, at the first stage
+    assert parse_duration("0.001m") == pytest.approx(0.06)  # the printed budget is one train accepts
     assert f"destseg test --run {run} --defect" in out and f"destseg predict --run {run}" in out
     log = [json.loads(line) for line in (run / "train.log").read_text().splitlines()]
     assert any("pace_s_per_step" in e and e["expected_s_left"] >= 0 for e in log)
+
+
+def test_the_pace_line_names_when_a_budget_ends_training_or_how_to_cap_a_long_run():
+    now, run = 1_000_000.0, Path("runs/part")
+    hour = pace_note("student", 2.0, 1800, now, None, True, run)  # 1 h left, no budget: the capping command
+    assert "take about 1 h 00 min" in hour and f"train --out {run} --resume --time-budget 30m" in hour
+    assert "--time-budget" not in pace_note("student", 2.0, 600, now, None, True, run)  # 20 min: nothing to add
+    assert "--time-budget" not in pace_note("segmentation", 2.0, 1800, now, None, False, run)  # said once
+    cut = pace_note("student", 2.0, 1800, now, now + 1200, True, run)
+    assert cut.endswith("; --time-budget ends it near " + time.strftime("%H:%M", time.localtime(now + 1200)))
+    assert "--time-budget" not in pace_note("student", 2.0, 1800, now, now + 4000, True, run)  # the plan fits
 
 
 def test_a_dataset_root_is_not_taken_for_a_folder_of_good_images(tmp_path, capsys):

@@ -32,6 +32,8 @@ def test_no_bound_is_stated_for_images_seen_in_training(data, tmp_path):
     thr = json.loads((run / "thresholds.json").read_text())
     assert thr["fpr_bound"] is None and "no false-positive bound: these images were seen in training" in thr["method"]
     assert json.loads((run / "calibration.json").read_text())["unseen"] is False
+    source = json.loads((run / "config.json").read_text())["resolved"]["threshold_images_source"]
+    assert source == "the training images themselves (--threshold-holdout 0): optimistic"  # chosen, not "too few"
     held = tmp_path / "held"
     train(held, "destseg", model_config("destseg", **TINY), DataSource(str(data), "widget"),
           options=TrainOptions(progress=False, precision="fp32"))
