@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -330,8 +331,8 @@ def pace_note(stage: str, per_step: float, left: int, now: float, budget_end: fl
     elif first_stage and per_step * left > LONG_RUN_S:
         minutes = f"{LONG_RUN_S / 60:g}"
         note += (f"\ndestseg: to end training {minutes} minutes after its start, with fewer steps, press Ctrl-C and "
-                 f"run: destseg train --out {run_dir} --resume --time-budget {minutes}m (what fewer steps give: "
-                 "docs/RESULTS.md, \"Shorter training\")")
+                 f"run: destseg train --out {shlex.quote(str(run_dir))} --resume --time-budget {minutes}m (what "
+                 "fewer steps give: docs/RESULTS.md, \"Shorter training\")")
     return note
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import make_mvtec, normal_image
 from destseg.cli import build_parser, main
+from destseg.engine_thresholds import engine_file
 from destseg.health import run_warnings
 from destseg.loop import pace_note
 from destseg.metrics import decision_rates, proportion_ci
@@ -96,6 +97,7 @@ def test_the_pace_line_names_when_a_budget_ends_training_or_how_to_cap_a_long_ru
     now, run = 1_000_000.0, Path("runs/part")
     hour = pace_note("student", 2.0, 1800, now, None, True, run)  # 1 h left, no budget: the capping command
     assert "take about 1 h 00 min" in hour and f"train --out {run} --resume --time-budget 30m" in hour
+    assert "--out 'my runs/part' --resume" in pace_note("student", 2.0, 1800, now, None, True, Path("my runs/part"))
     assert "--time-budget" not in pace_note("student", 2.0, 600, now, None, True, run)  # 20 min: nothing to add
     assert "--time-budget" not in pace_note("segmentation", 2.0, 1800, now, None, False, run)  # said once
     cut = pace_note("student", 2.0, 1800, now, now + 1200, True, run)
@@ -110,6 +112,15 @@ def test_a_dataset_root_is_not_taken_for_a_folder_of_good_images(tmp_path, capsy
         assert main(["train", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def engine_threshold(run: Path, engine: str) -> float:
+    """The image threshold in force for ``engine``: training's where it trained in that engine, else the one
+    ``engine`` derived from the same good images (RUN/engines/: on a CPU without native bf16, OpenVINO int8)."""
+    stored = json.loads((run / "thresholds.json").read_text())
+    if stored["engine"] == engine:
+        return stored["image"]
+    return json.loads(engine_file(run, engine).read_text())["thresholds"]["image"]
 
 
 def _files(run: Path) -> dict:
@@ -129,7 +140,7 @@ def test_defect_photos_without_masks_give_image_metrics_and_leave_the_thresholds
     assert "pixel metrics skipped" in result["note"] and "held out of training" in result["note"]
     d = result["decisions"]
     stored = json.loads(before["thresholds.json"])
-    assert d["threshold"] == stored["image"] and d["n_defect"] == 4 and d["n_good"] == 2
+    assert d["threshold"] == engine_threshold(run, result["engine"]) and d["n_defect"] == 4 and d["n_good"] == 2
     lo, hi = d["detection_rate_ci95"]
     assert lo <= d["detection_rate"] <= hi
     after = _files(run)
@@ -233,7 +244,7 @@ def test_undertrained_and_degenerate_runs_are_warned_about(folder_run, tmp_path,
     err = capsys.readouterr().err
     assert "1 file(s) of the input folder are not images" in err and "notes.txt" in err
     rows = list(csv.DictReader(open(out / "results.csv")))
-    thr = json.loads((copy / "thresholds.json").read_text())["image"]
+    thr = engine_threshold(copy, rows[0]["engine"])
     assert len(rows) == 15 and any(r["file"].endswith("camera.gif") for r in rows)
     assert all(float(r["threshold"]) == pytest.approx(thr) for r in rows)
 
