@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -195,14 +196,14 @@ def next_steps(run_dir: Path) -> str:
     """What to run after ``train``: a test on labelled images, then scoring new ones."""
     from destseg.run import Run
 
-    data = Run(run_dir).data
+    data, run = Run(run_dir).data, shlex.quote(str(run_dir))
     if data is not None and data.layout == "folder":
-        test = (f"destseg test --run {run_dir} --defect DEFECT_PHOTOS/ [--good OTHER_GOOD_PHOTOS/]"
+        test = (f"destseg test --run {run} --defect DEFECT_PHOTOS/ [--good OTHER_GOOD_PHOTOS/]"
                 "   # how well it tells them apart")
     else:
-        test = f"destseg test --run {run_dir}   # metrics on the dataset's test split"
-    return ("next:\n  " + test + f"\n  destseg predict --run {run_dir} --input NEW_IMAGES/ --out results/"
-            f"   # score images: results.csv, heat maps\n  destseg watch --run {run_dir} --input CAMERA_FOLDER/ "
+        test = f"destseg test --run {run}   # metrics on the dataset's test split"
+    return ("next:\n  " + test + f"\n  destseg predict --run {run} --input NEW_IMAGES/ --out results/"
+            f"   # score images: results.csv, heat maps\n  destseg watch --run {run} --input CAMERA_FOLDER/ "
             "--out results/   # or score every new image as it arrives")
 
 
@@ -299,7 +300,8 @@ def cmd_feedback(args) -> int:
             continue
         print(f"{f}: {kind.replace('_', ' ')}{'' if entry['new'] else ' (already marked)'} "
               f"(score {entry['score']:.4g})")
-    print(f"kept in {Path(args.run) / 'feedback'}; `destseg recalibrate --run {args.run}` refits the thresholds")
+    print(f"kept in {Path(args.run) / 'feedback'}; `destseg recalibrate --run {shlex.quote(str(args.run))}` "
+          "refits the thresholds")
     return 1 if refused else 0
 
 

@@ -81,12 +81,13 @@ def _last_line(exc: BaseException) -> str:
 
 
 def load_inference(run_dir, device: str = "auto", precision: str = "auto", backend: str = "auto",
-                   compile: str = "auto") -> InferenceModel:
+                   compile: str = "auto", progress: bool = True) -> InferenceModel:
     """A run's model for inference with ``backend``: ``torch`` (batch norms folded, channels_last on CPU;
     ``compile``: auto|on|off, see :func:`destseg.device.should_compile`), ``openvino`` (CPU, the run's
     cached IR) or ``auto`` (:func:`resolve_backend`; a model OpenVINO cannot take runs in PyTorch, with a
     warning). ``precision`` auto on OpenVINO: int8 where :func:`destseg.openvino_ir.auto_int8` says so (a CPU
-    without native bf16), bf16 where the CPU runs it natively, else fp32."""
+    without native bf16), bf16 where the CPU runs it natively, else fp32. ``progress`` False: the one-time
+    int8 quantisation without progress bars."""
     run = Run(run_dir)
     chosen = resolve_backend(backend, device, compile, precision)
     if chosen == "openvino":
@@ -98,13 +99,13 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
         model = None
         if precision == "auto" and auto_int8(run.path, ckpt["model"]):
             try:
-                model = OpenVINOModel(run_ir(run.path, int8=True), "int8")
+                model = OpenVINOModel(run_ir(run.path, int8=True, progress=progress), "int8")
             except Exception as exc:  # NNCF's errors have no common class; int8 was not asked for: fp32 instead
                 warnings.warn(f"int8 could not be made for this run ({_last_line(exc)}); "
                               "running it in fp32", stacklevel=2)
         if model is None:
             try:
-                model = OpenVINOModel(run_ir(run.path, int8=precision == "int8"), precision)
+                model = OpenVINOModel(run_ir(run.path, int8=precision == "int8", progress=progress), precision)
             except (DestsegError, RuntimeError) as exc:  # export, conversion, or compilation for this CPU
                 if backend == "openvino" or precision == "int8":  # asked for: no fallback
                     if isinstance(exc, DestsegError):
@@ -113,7 +114,7 @@ def load_inference(run_dir, device: str = "auto", precision: str = "auto", backe
                                        f"({_last_line(exc)})") from exc
                 warnings.warn(f"OpenVINO could not take this run ({_last_line(exc)}); running it "
                               "in PyTorch", stacklevel=2)
-                return load_inference(run_dir, device, precision, "torch", compile)
+                return load_inference(run_dir, device, precision, "torch", compile, progress)
         return InferenceModel(model, run, run.config, ckpt["model"], torch.device("cpu"), None,
                               f"openvino {model.precision}", _light(ckpt), "openvino")
     dev = resolve_device(device)
@@ -149,7 +150,7 @@ def evaluate_run(run_dir: Path | str, data=None, device: str = "auto",
     if workers < -1:
         raise DestsegError(f"--workers must be -1 (automatic) or more (got {workers})")
     index, notes = test_split(run, data)
-    inf = load_inference(run.path, device, precision, backend, compile)
+    inf = load_inference(run.path, device, precision, backend, compile, progress)
     dataset = TestDataset(index.test, inf.config.image_size, backbone_spec(inf.config.teacher).normalize)
     t0 = time.perf_counter()
     out = run_test_split(inf.model, dataset, inf.device, inf.dtype, inf.map_outputs, batch_size, progress,
@@ -376,12 +377,13 @@ class Detector:
 
     @classmethod
     def load(cls, run_dir, device: str = "cpu", precision: str = "auto", backend: str = "auto",
-             compile: str = "auto") -> "Detector":
+             compile: str = "auto", progress: bool = True) -> "Detector":
         """``backend``: ``auto`` (OpenVINO on a CPU where installed, else PyTorch), ``torch``, or ``openvino``
-        (CPU; the run's IR is exported on first use); ``compile``: auto (torch.compile on CUDA), on, off."""
+        (CPU; the run's IR is exported on first use); ``compile``: auto (torch.compile on CUDA), on, off;
+        ``progress`` False: a first int8 quantisation without progress bars."""
         from destseg.health import run_warnings
 
-        inf = load_inference(run_dir, device, precision, backend, compile)
+        inf = load_inference(run_dir, device, precision, backend, compile, progress)
         for warning in run_warnings(inf.run):  # once per load: predict, serve and watch load once
             warnings.warn(warning, stacklevel=2)
         det = cls(inf.model, inf.config, None, inf.device, inf.dtype, inf.model_name, inf.run, inf.engine)

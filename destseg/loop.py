@@ -266,7 +266,7 @@ class Loop:
             self.checkpoint(stage.name, optimizer)
             raise TrainingInterrupted(
                 f"training stopped by signal {stop.signum or 'on another rank'} at step {self.step}/{self.total}; "
-                f"checkpoint saved, continue with: destseg train --out {self.run_dir} --resume")
+                f"checkpoint saved, continue with: destseg train --out {shlex.quote(str(self.run_dir))} --resume")
         if checkpoint_now:
             self.checkpoint(stage.name, optimizer)
         if deadline is not None and self.step < end and self._out_of_time(deadline):

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -112,10 +113,10 @@ def calibration_paths(run) -> list[Path]:
     return (trained or paths)[:INT8_CALIBRATION_IMAGES]  # none left: the thresholds are on the training images
 
 
-def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
+def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path, progress: bool = True) -> Path:
     """An int8 copy of the IR ``ir`` in ``out_dir`` (atomically), by NNCF's post-training quantisation with the
     run's good training images (up to ``INT8_CALIBRATION_IMAGES``) and a synthetic-anomaly copy of each as
-    calibration data (see :class:`_Calibration`)."""
+    calibration data (see :class:`_Calibration`); ``progress`` False: without NNCF's progress bars."""
     from destseg.data.datasets import TestDataset, TestSample
     from destseg.models.backbones import backbone_spec
     from destseg.run import Run
@@ -145,7 +146,7 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
     overflow_fix = nncf.OverflowFix(QUANTIZATION["overflow_fix"])
     calibration = _Calibration(images, backbone_spec(cfg.teacher).normalize,
                                gray=(run.record.get("resolved") or {}).get("anomaly_color") == "gray")
-    with _nncf_to_stderr():
+    with _nncf_to_stderr(quiet=not progress):
         quantized = nncf.quantize(ov.Core().read_model(str(ir)), nncf.Dataset(calibration),
                                   subset_size=len(calibration), preset=nncf.QuantizationPreset(QUANTIZATION["preset"]),
                                   advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=overflow_fix),
@@ -161,10 +162,11 @@ def quantize_ir(run_dir: Path | str, ir: Path, out_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _nncf_to_stderr():
+def _nncf_to_stderr(quiet: bool = False):
     """NNCF writes its progress bars and its log (a handler bound to stdout when it was imported) to stdout,
-    which ``destseg test --json`` keeps for its JSON: both go to stderr while it quantises, its INFO lines
-    (one per layer left in fp32) are dropped, and all is put back after."""
+    which ``destseg test --json`` keeps for its JSON: both go to stderr while it quantises (``quiet``: its
+    progress bars nowhere, for ``--no-progress``), its INFO lines (one per layer left in fp32) are dropped,
+    and all is put back after."""
     logger = logging.getLogger("nncf")
     handlers = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
     streams, level = [h.stream for h in handlers], logger.level
@@ -172,7 +174,9 @@ def _nncf_to_stderr():
         for h in handlers:
             h.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed by now
         logger.setLevel(logging.WARNING)
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr  # noqa: SIM115
+            stack.enter_context(contextlib.redirect_stdout(sink))
             yield
     finally:
         for h, stream in zip(handlers, streams):
@@ -265,16 +269,17 @@ def auto_int8(run_dir: Path | str, model_name: str) -> bool:
     if calibration_paths(Run(run_dir)):
         return True
     warnings.warn(why + "the run has no int8 copy and its training images, which make one, are not here (make it "
-                  f"where they are: destseg test --run {run_dir} --precision int8, then copy the run)" + fp32,
+                  f"where they are: destseg test --run {shlex.quote(str(run_dir))} --precision int8, then copy the "
+                  "run)" + fp32,
                   stacklevel=3)
     return False
 
 
-def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
+def run_ir(run_dir: Path | str, int8: bool = False, progress: bool = True) -> Path:
     """The run's cached IR (with every map the model makes), exported on first use and again when the
     checkpoint is another one or the IR was written by an earlier version (two outputs only). Each cached IR
     records the checkpoint it was made from (``source.json``), so a run folder copied to another machine keeps
-    its IRs: the int8 one above all, whose making needs the training images."""
+    its IRs: the int8 one above all, whose making needs the training images (``progress``: NNCF's bars)."""
     ir = Path(run_dir) / "openvino" / IR_NAME
     sha = _checkpoint_sha(run_dir)
     stale = not ir.is_file() or _made_from(ir.parent) != sha or 'name="anomaly_map"' in _head(ir)
@@ -296,7 +301,7 @@ def run_ir(run_dir: Path | str, int8: bool = False) -> Path:
             warnings.warn(f"{q.parent}: quantised by an earlier recipe, and the run's training images are not "
                           "here to quantise it again: running it as it is", stacklevel=2)
     if not current:
-        quantize_ir(run_dir, ir, q.parent)
+        quantize_ir(run_dir, ir, q.parent, progress)
         atomic_write_text(q.parent / SOURCE_NAME, json.dumps({"checkpoint_sha256": sha}))
     return q
 

@@ -241,7 +241,8 @@ def run_predict(run_dir: Path, input_spec: str, out: Path, threshold: float | No
     dist = init_distributed(device)
     if dist.active and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{dist.local_rank}"
-    det = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile)
+    det = Detector.load(run_dir, device=device, precision=precision, backend=backend, compile=compile,
+                        progress=progress)
     image_thr, pixel_thr = in_force(det.thresholds, threshold, pixel_threshold)
     if image_thr is None:
         raise DestsegError(f"{run_dir}: no stored threshold (run `destseg test` first) and no --threshold given")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import make_mvtec, normal_image
-from destseg.cli import build_parser, main
+from destseg.cli import build_parser, main, next_steps
 from destseg.engine_thresholds import engine_file
 from destseg.health import run_warnings
 from destseg.loop import pace_note
@@ -89,6 +89,9 @@ def test_train_prints_its_plan_the_pace_and_the_next_command(tmp_path, capsys, m
     assert err.count("--resume --time-budget") == 1  # once, at the first stage
     assert parse_duration("0.001m") == pytest.approx(0.06)  # the printed budget is one train accepts
     assert f"destseg test --run {run} --defect" in out and f"destseg predict --run {run}" in out
+    spaced = tmp_path / "line 2 run"
+    spaced.symlink_to(run)
+    assert f"destseg watch --run '{spaced}' --input" in next_steps(spaced)  # paste-ready: quoted where it must be
     log = [json.loads(line) for line in (run / "train.log").read_text().splitlines()]
     assert any("pace_s_per_step" in e and e["expected_s_left"] >= 0 for e in log)
 

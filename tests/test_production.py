@@ -522,6 +522,20 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
         Detector.load(run, precision="int8", backend="torch")
 
 
+def test_int8_quantisation_keeps_stdout_clean_and_is_silent_under_no_progress(tiny_run, capfd):
+    """The one-time int8 quantisation: NNCF's progress bars go to stderr (stdout holds `test --json`'s JSON),
+    and nowhere under --no-progress; the line that says it quantises stays."""
+    pytest.importorskip("nncf")
+    run, _ = tiny_run
+    for flags in ([], ["--no-progress"]):
+        shutil.rmtree(run / "openvino" / "int8", ignore_errors=True)
+        capfd.readouterr()
+        assert main(["test", "--run", str(run), "--precision", "int8", "--json", "--no-report", *flags]) == 0
+        out, err = capfd.readouterr()
+        assert json.loads(out)["precision"] == "openvino int8" and "quantising" in err
+        assert ("Statistics collection" in err) == (not flags), err[-2000:]
+
+
 def test_int8_calibration_leaves_out_the_images_the_thresholds_were_set_on(tiny_run, tmp_path):
     """Good images held out of training for the thresholds stay unseen by the int8 copy too; thresholds set on
     the training images themselves leave those to calibrate on."""
