@@ -1,6 +1,6 @@
 """destseg: industrial visual anomaly detection with student-teacher networks."""
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 from destseg.errors import DestsegError  # noqa: E402
 
