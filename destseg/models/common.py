@@ -207,8 +207,8 @@ class SegmentationGuidedConfig(ModelConfig):
     focal_gamma: float = option(4.0, "focal loss gamma", lambda v: v >= 0, "0 or more", flag=None)
     top_k: int = option(100, "image score: mean of the top-k map values", lambda v: v >= 1, "at least 1", flag=None)
     seg_width: int = option(256, "channels of the segmentation network (the paper: 256; 128 and 64 "
-                                 "are 3x and 8x cheaper, docs/RESULTS.md; 32 scores 1.2x faster than 48 on "
-                                 "a CPU with AVX2 only, docs/BENCHMARKS.md)", lambda v: v >= 8, "at least 8")
+                                 "are 3x and 8x cheaper, docs/RESULTS.md; 32 tests DeSTSeg 1.2x faster than 48 "
+                                 "on a CPU with AVX2 only, docs/BENCHMARKS.md)", lambda v: v >= 8, "at least 8")
     denoising: bool = option(True, "ablation: student sees clean images", flag="--no-denoising", const=False)
 
     @property
