@@ -522,20 +522,6 @@ def test_int8_is_calibrated_on_the_training_images_cached_and_close_to_fp32(tiny
         Detector.load(run, precision="int8", backend="torch")
 
 
-def test_int8_quantisation_keeps_stdout_clean_and_is_silent_under_no_progress(tiny_run, capfd):
-    """The one-time int8 quantisation: NNCF's progress bars go to stderr (stdout holds `test --json`'s JSON),
-    and nowhere under --no-progress; the line that says it quantises stays."""
-    pytest.importorskip("nncf")
-    run, _ = tiny_run
-    for flags in ([], ["--no-progress"]):
-        shutil.rmtree(run / "openvino" / "int8", ignore_errors=True)
-        capfd.readouterr()
-        assert main(["test", "--run", str(run), "--precision", "int8", "--json", "--no-report", *flags]) == 0
-        out, err = capfd.readouterr()
-        assert json.loads(out)["precision"] == "openvino int8" and "quantising" in err
-        assert ("Statistics collection" in err) == (not flags), err[-2000:]
-
-
 def test_int8_calibration_leaves_out_the_images_the_thresholds_were_set_on(tiny_run, tmp_path):
     """Good images held out of training for the thresholds stay unseen by the int8 copy too; thresholds set on
     the training images themselves leave those to calibrate on."""
@@ -677,19 +663,21 @@ def test_auto_precision_is_int8_on_a_cpu_without_native_bf16(tiny_run, monkeypat
 
 
 def test_test_json_stays_json_while_int8_is_made(tiny_run, capsys):
-    """NNCF prints progress bars and log lines to stdout; `destseg test --json` must print its JSON only."""
+    """NNCF prints progress bars and log lines to stdout; `destseg test --json` must print its JSON only. The
+    bars go to stderr, and nowhere under --no-progress; the line that says it quantises stays."""
     pytest.importorskip("nncf")
     import logging
 
     run, _ = tiny_run
-    shutil.rmtree(run / "openvino" / "int8", ignore_errors=True)
-    capsys.readouterr()
     level = logging.getLogger("nncf").level
-    assert main(["test", "--run", str(run), "--json", "--no-progress", "--no-report", "--precision", "int8"]) == 0
-    out, err = capsys.readouterr()
-    assert json.loads(out)["precision"] == "openvino int8"
-    assert "quantising" in err and "Statistics collection" in err
-    assert logging.getLogger("nncf").level == level  # put back
+    for flags in ([], ["--no-progress"]):
+        shutil.rmtree(run / "openvino" / "int8", ignore_errors=True)
+        capsys.readouterr()
+        assert main(["test", "--run", str(run), "--json", "--no-report", "--precision", "int8", *flags]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["precision"] == "openvino int8"
+        assert "quantising" in err and ("Statistics collection" in err) == (not flags), err[-2000:]
+        assert logging.getLogger("nncf").level == level  # put back
 
 
 TELEMETRY_PROBE = """
